@@ -1,0 +1,188 @@
+"""
+The development CA and server certificate.
+
+A fresh clone must serve TLS with no manual step, and a client must be able to
+verify it properly (hostname included) rather than being taught C{--insecure}.
+So on first start the server makes a small private CA and a certificate for
+C{localhost}, C{127.0.0.1} and C{::1} signed by it, all ECDSA P-256, keys 0600.
+Clients trust C{ca.pem}; nothing here is ever committed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+SERVER_NAMES = ("localhost",)
+SERVER_ADDRESSES = ("127.0.0.1", "::1")
+CA_DAYS = 3650
+SERVER_DAYS = 825
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """Where the development files live inside a certificate directory."""
+
+    directory: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server.key"
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a key so that it is 0600 from the first byte, then rename into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _make_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "echotwist development"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "echotwist development CA"),
+        ]
+    )
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(paths.ca_key, _key_pem(key))
+    _write_public(paths.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def _make_server(
+    paths: CertPaths, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVER_NAMES]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in SERVER_ADDRESSES]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(paths.server_key, _key_pem(key))
+    _write_public(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _server_cert_usable(paths: CertPaths, ca_cert: x509.Certificate) -> bool:
+    """The existing server certificate is still signed by this CA and not expiring."""
+    if not (paths.server_cert.exists() and paths.server_key.exists()):
+        return False
+    try:
+        cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return cert.not_valid_after_utc > _now() + datetime.timedelta(days=1)
+
+
+def ensure_dev_certs(directory: str | os.PathLike[str]) -> CertPaths:
+    """
+    Make sure C{directory} holds a development CA and a server certificate.
+
+    Existing files are reused, so clients that already trust C{ca.pem} keep
+    working across restarts; a missing, expired or foreign server certificate
+    is re-issued from the CA.
+    """
+    paths = CertPaths(Path(directory))
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    if paths.ca_cert.exists() and paths.ca_key.exists():
+        ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+        loaded = serialization.load_pem_private_key(
+            paths.ca_key.read_bytes(), password=None
+        )
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{paths.ca_key} is not an ECDSA key")
+        ca_key = loaded
+    else:
+        ca_cert, ca_key = _make_ca(paths)
+    if not _server_cert_usable(paths, ca_cert):
+        _make_server(paths, ca_cert, ca_key)
+    return paths

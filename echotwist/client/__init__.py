@@ -1,0 +1,3 @@
+"""
+The C{echotwist-client} command: C{send} one message and verify it, C{load} many.
+"""

@@ -1,0 +1,272 @@
+"""
+The C{echotwist-client} command line: flags, token and TLS resolution, exit codes.
+
+L{main} is C{async} and takes the reactor, so tests can run it in-process;
+only L{run}, the console script, calls L{react}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+from urllib.parse import urlsplit
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import usage
+from twisted.web.client import Agent
+
+from echotwist import tls, tokens
+from echotwist.client.outcome import ExitCode, classify
+from echotwist.client.send import compare, send_once
+
+DEFAULT_HOST = "https://localhost:8000"
+DEFAULT_CAFILE = Path("certs") / "ca.pem"
+DEFAULT_TIMEOUT = 30.0
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise usage.UsageError(f"expected a number of seconds, not {value!r}") from None
+    if not number > 0:
+        raise usage.UsageError("a timeout must be more than 0 seconds")
+    return number
+
+
+class ConnectionOptions(usage.Options):
+    """The flags every subcommand shares: where, which token, which TLS trust."""
+
+    optFlags: list[list[Any]] = [
+        ["insecure", "k", "Do not verify the server's certificate (warns; testing only)."],
+    ]
+    optParameters: list[list[Any]] = [
+        [
+            "host",
+            None,
+            DEFAULT_HOST,
+            "Base URL of the server (https:// only); /echo is appended.",
+        ],
+        [
+            "token",
+            "t",
+            None,
+            "The token the server printed "
+            "(visible to ps: prefer --token-file or ECHOTWIST_TOKEN).",
+        ],
+        ["token-file", None, None, "Read the token from this file."],
+        [
+            "cacert",
+            None,
+            None,
+            f"CA certificate(s) to trust, PEM (default: {DEFAULT_CAFILE} when it "
+            "exists, else the system's trust store).",
+        ],
+        [
+            "timeout",
+            None,
+            DEFAULT_TIMEOUT,
+            "Seconds allowed for the whole exchange.",
+            _seconds,
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        host = self["host"]
+        try:
+            parts = urlsplit(host)
+            parts.port  # noqa: B018 -- raises ValueError for a bad port
+        except ValueError as e:
+            raise usage.UsageError(f"--host {host!r} is not a valid URL: {e}") from None
+        if parts.scheme != "https" or not parts.hostname:
+            raise usage.UsageError(f"--host must be an https:// URL, not {host!r}")
+        if parts.query or parts.fragment:
+            raise usage.UsageError("--host is a base URL: no query or fragment")
+        self["token"] = self._resolve_token()
+        if self["insecure"] and self["cacert"] is not None:
+            raise usage.UsageError("--insecure and --cacert contradict each other")
+        if self["cacert"] is None and not self["insecure"] and DEFAULT_CAFILE.exists():
+            self["cacert"] = str(DEFAULT_CAFILE)
+        try:
+            self["policy"] = tls.client_policy(self["cacert"], self["insecure"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"cannot use --cacert {self['cacert']}: {e}") from None
+
+    def _resolve_token(self) -> str:
+        try:
+            if self["token"] is not None:
+                return tokens.validate_token(self["token"], "--token")
+            if self["token-file"] is not None:
+                return tokens.read_token_file(self["token-file"])
+            from_env = tokens.token_from_environment()
+        except OSError as e:
+            raise usage.UsageError(f"cannot read --token-file: {e.strerror or e}") from None
+        except tokens.TokenError as e:
+            raise usage.UsageError(str(e)) from None
+        if from_env is None:
+            raise usage.UsageError(
+                f"no token: give --token, --token-file or set {tokens.ENV_VAR}"
+            )
+        return from_env
+
+
+class SendOptions(ConnectionOptions):
+    """C{send}: one message, echoed and verified."""
+
+    synopsis = "[--host URL] (--message TEXT ... | --message-file PATH|-) [--token T]"
+    longdesc = (
+        "POST the message to HOST/echo, print the response and check it is the same "
+        "bytes.  Exit 0 verified, 1 response differs, 2 usage error, 3 connection/TLS/"
+        "timeout failure, 4 the server answered with a status other than 200."
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["message"] = []
+
+    optParameters: list[list[Any]] = [
+        [
+            "message-file",
+            None,
+            None,
+            "Send this file's raw bytes ('-' reads standard input).",
+        ],
+        [
+            "content-type",
+            None,
+            None,
+            "Content-Type of the request (default: none, and the server answers "
+            "application/octet-stream).",
+        ],
+    ]
+
+    def opt_message(self, text: str) -> None:
+        """Text to send; repeat it and the parts are joined with single spaces."""
+        self["message"].append(text)
+
+    opt_m = opt_message
+
+    def postOptions(self) -> None:
+        if self["message"] and self["message-file"] is not None:
+            raise usage.UsageError("give --message or --message-file, not both")
+        if not self["message"] and self["message-file"] is None:
+            raise usage.UsageError("nothing to send: give --message or --message-file")
+        super().postOptions()
+
+    def body(self, stdin: BinaryIO) -> bytes:
+        """The exact bytes to send."""
+        if self["message-file"] is None:
+            # argv arrives decoded; fsencode gives back exactly the bytes typed.
+            return b" ".join(os.fsencode(m) for m in self["message"])
+        if self["message-file"] == "-":
+            return stdin.read()
+        try:
+            return Path(self["message-file"]).read_bytes()
+        except OSError as e:
+            raise usage.UsageError(
+                f"cannot read --message-file: {e.strerror or e}"
+            ) from None
+
+
+class ClientOptions(usage.Options):
+    """Top level: C{echotwist-client COMMAND [options]}."""
+
+    synopsis = "Usage: echotwist-client"
+    longdesc = (
+        "Send messages to an echotwist server and verify they come back intact. "
+        "'echotwist-client COMMAND --help' lists a command's options."
+    )
+    subCommands: list[list[Any]] = [
+        ["send", None, SendOptions, "Send one message, print the echo, verify it."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError(
+                "a command is required: "
+                + ", ".join(name for name, _, _, _ in self.subCommands)
+            )
+
+
+def _warn(stderr: TextIO, text: str) -> None:
+    stderr.write(f"echotwist-client: {text}\n")
+    stderr.flush()
+
+
+async def _send(
+    reactor: Any, options: SendOptions, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO
+) -> int:
+    try:
+        body = options.body(stdin)
+    except usage.UsageError as e:
+        _warn(stderr, f"error: {e}")
+        return ExitCode.USAGE
+    if options["insecure"]:
+        _warn(stderr, "warning: --insecure: the server's certificate is NOT verified")
+    content_type = options["content-type"]
+    agent = Agent(
+        reactor, contextFactory=options["policy"], connectTimeout=options["timeout"]
+    )
+    try:
+        received = await send_once(
+            reactor,
+            agent,
+            options["host"],
+            options["token"],
+            body,
+            options["timeout"],
+            content_type.encode("latin-1") if content_type else None,
+        )
+    except Exception as e:
+        problem = classify(e, timeout=options["timeout"])
+        _warn(stderr, f"error: {problem.message}")
+        return problem.exit_code
+    stdout.write(received)
+    if stdout.isatty() and not received.endswith(b"\n"):
+        stdout.write(b"\n")
+    stdout.flush()
+    difference = compare(body, received)
+    if difference is not None:
+        _warn(stderr, f"error: {difference}")
+        return ExitCode.MISMATCH
+    return ExitCode.VERIFIED
+
+
+async def main(
+    reactor: IReactorTime,
+    argv: list[str],
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the command line C{argv}; return the exit code."""
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    stdout = stdout if stdout is not None else sys.stdout.buffer
+    stderr = stderr if stderr is not None else sys.stderr
+    options = ClientOptions()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as e:
+        command = options.subOptions if options.subCommand else options
+        _warn(stderr, f"error: {e}")
+        stderr.write(f"{command.getSynopsis()}\n(--help for all options)\n")
+        return ExitCode.USAGE
+    except SystemExit as e:  # --help and --version print and exit
+        return int(e.code or 0)
+    return await _send(reactor, options.subOptions, stdin, stdout, stderr)
+
+
+def run() -> None:
+    """Console-script entry point: the only place the reactor is run."""
+
+    def start(reactor: Any) -> Deferred[None]:
+        async def go() -> None:
+            raise SystemExit(await main(reactor, sys.argv[1:]))
+
+        return Deferred.fromCoroutine(go())
+
+    task.react(start)

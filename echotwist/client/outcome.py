@@ -1,0 +1,126 @@
+"""
+What went wrong, in one place: the exit codes and the failure causes.
+
+C{send} turns a failure into an exit code and a one-line message; C{load} counts
+failures by cause.  Both ask L{classify}, so a refused connection, a bad
+certificate or a timeout is named the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, error
+from twisted.python.failure import Failure
+from twisted.web._newclient import _WrapperException
+
+
+class ExitCode(enum.IntEnum):
+    """The client's exit codes (the SPEC's contract)."""
+
+    VERIFIED = 0
+    MISMATCH = 1
+    USAGE = 2
+    TRANSPORT = 3  # connection, TLS or timeout
+    HTTP_STATUS = 4
+
+
+class Cause(str, enum.Enum):
+    """Why a request failed, as counted in a load summary."""
+
+    CONNECT = "connect"
+    TLS = "tls"
+    TIMEOUT = "timeout"
+    HTTP_STATUS = "http_status"
+    CONNECTION_LOST = "connection_lost"
+    MISMATCH = "mismatch"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A failure, classified: its cause, exit code and a one-line description."""
+
+    cause: Cause
+    message: str
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.cause is Cause.HTTP_STATUS:
+            return ExitCode.HTTP_STATUS
+        if self.cause is Cause.MISMATCH:
+            return ExitCode.MISMATCH
+        return ExitCode.TRANSPORT
+
+
+class StatusError(Exception):
+    """The server answered, but not with 200."""
+
+    def __init__(self, code: int, phrase: bytes, body: bytes) -> None:
+        super().__init__(code)
+        self.code = code
+        self.phrase = phrase
+        self.body = body
+
+    def __str__(self) -> str:
+        text = self.body[:200].decode("utf-8", "replace").strip()
+        phrase = self.phrase.decode("latin-1")
+        return f"server answered {self.code} {phrase}" + (f": {text}" if text else "")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """Unwrap Agent's wrapper exceptions down to the underlying reasons."""
+    if isinstance(exc, _WrapperException):
+        found: list[BaseException] = []
+        for reason in exc.reasons:
+            inner = reason.value if isinstance(reason, Failure) else reason
+            if isinstance(inner, BaseException):
+                found += _causes(inner)
+        return found or [exc]
+    return [exc]
+
+
+def _tls_text(exc: BaseException) -> str:
+    if isinstance(exc, VerificationError):
+        names = []
+        for err in exc.errors:
+            wanted = getattr(err, "mismatched_id", None)
+            names.append(
+                str(getattr(wanted, "ip", None) or getattr(wanted, "hostname", None) or err)
+            )
+        return "TLS certificate is not valid for " + ", ".join(names)
+    if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
+        parts = [str(e[-1]) for e in exc.args[0] if e and e[-1]]
+        if parts:
+            return "TLS handshake failed: " + "; ".join(parts)
+    return f"TLS handshake failed: {exc}"
+
+
+def classify(exc: BaseException, *, timeout: float | None = None) -> Problem:
+    """Name a failure of one exchange."""
+    if isinstance(exc, StatusError):
+        return Problem(Cause.HTTP_STATUS, str(exc))
+    for inner in _causes(exc):
+        if isinstance(inner, (VerificationError, SSL.Error)):
+            return Problem(Cause.TLS, _tls_text(inner))
+    for inner in _causes(exc):
+        if isinstance(
+            inner, (defer.TimeoutError, defer.CancelledError, error.TimeoutError)
+        ):
+            after = f" after {timeout:g} s" if timeout else ""
+            return Problem(Cause.TIMEOUT, f"timed out{after}")
+        if isinstance(inner, error.ConnectionRefusedError):
+            return Problem(Cause.CONNECT, "connection refused (is the server running?)")
+        if isinstance(inner, error.DNSLookupError):
+            return Problem(Cause.CONNECT, f"cannot resolve host: {inner}")
+        if isinstance(inner, error.ConnectError):
+            return Problem(Cause.CONNECT, f"cannot connect: {inner}")
+        if isinstance(inner, (error.ConnectionLost, error.ConnectionDone)):
+            return Problem(
+                Cause.CONNECTION_LOST, "the server closed the connection before answering"
+            )
+    first = _causes(exc)[0]
+    return Problem(Cause.OTHER, f"{type(first).__name__}: {first}")

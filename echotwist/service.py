@@ -1,0 +1,187 @@
+"""
+twistd options and service: C{twistd [-n] echo --port PORT [options]}.
+
+Everything the server needs is resolved here, once, from the command line and
+the environment, and handed down: the token, the TLS context factory, the
+limits.  Nothing downstream reads configuration on its own.
+
+Start-up order matters under twistd: C{makeService} runs while the terminal is
+still attached (the token line printed here reaches the user even in daemon
+mode), then twistd daemonizes and calls C{privilegedStartService}, which binds
+the port.  No socket is opened before that.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints, interfaces
+from twisted.logger import Logger
+from twisted.python import usage
+
+from echotwist import certs, tls, tokens
+from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
+from echotwist.site import DEFAULT_TIMEOUT, EchoSite
+
+
+def _positive_int(name: str):  # type: ignore[no-untyped-def]
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(
+                f"--{name} must be a whole number, not {value!r}"
+            ) from None
+        if number < 0:
+            raise usage.UsageError(f"--{name} must not be negative")
+        return number
+
+    return coerce
+
+
+def _seconds(name: str):  # type: ignore[no-untyped-def]
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(
+                f"--{name} must be a number of seconds, not {value!r}"
+            ) from None
+        if not number > 0:
+            raise usage.UsageError(f"--{name} must be more than 0 seconds")
+        return number
+
+    return coerce
+
+
+class Options(usage.Options):
+    """Command-line options of C{twistd echo}."""
+
+    synopsis = "[twistd options] echo --port PORT [options]"
+    longdesc = (
+        "Serve POST /echo over HTTPS (HTTP/1.1 and HTTP/2): a request with the "
+        "token gets its body back byte for byte.  The token is printed at start-up "
+        "(set ECHOTWIST_TOKEN to share one between instances).  Without --cert/--key "
+        "a development CA and a localhost certificate are created under --cert-dir."
+    )
+
+    optParameters: list[list[Any]] = [
+        [
+            "port",
+            "p",
+            None,
+            "TCP port to listen on (required; 0 picks a free one).",
+            _positive_int("port"),
+        ],
+        [
+            "interface",
+            "i",
+            "::",
+            "Address to listen on (default: every IPv4 and IPv6 address).",
+        ],
+        ["cert", None, None, "PEM certificate (chain) to serve, with --key."],
+        ["key", None, None, "PEM private key for --cert."],
+        [
+            "cert-dir",
+            None,
+            "certs",
+            "Where the development CA and certificate live (made on first start).",
+        ],
+        ["token-file", None, None, "Also write the token to this file (mode 0600)."],
+        [
+            "max-body",
+            None,
+            DEFAULT_MAX_BODY,
+            f"Largest request body in bytes (default {DEFAULT_MAX_BODY}, 64 MiB).",
+            _positive_int("max-body"),
+        ],
+        [
+            "timeout",
+            None,
+            DEFAULT_TIMEOUT,
+            "Seconds an idle connection is kept open.",
+            _seconds("timeout"),
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        """Resolve the flags into what the service needs, or fail with a usage error."""
+        if self["port"] is None:
+            raise usage.UsageError("--port is required (use 0 to pick a free port)")
+        if self["port"] > 65535:
+            raise usage.UsageError("--port must be at most 65535")
+        if (self["cert"] is None) != (self["key"] is None):
+            raise usage.UsageError("--cert and --key go together")
+        try:
+            self["token"] = tokens.server_token()
+        except tokens.TokenError as e:
+            raise usage.UsageError(str(e)) from None
+        self["cafile"] = None
+        if self["cert"] is None:
+            try:
+                paths = certs.ensure_dev_certs(self["cert-dir"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"cannot prepare --cert-dir: {e}") from None
+            self["cert"], self["key"] = paths.server_cert, paths.server_key
+            self["cafile"] = paths.ca_cert.resolve()
+        try:
+            self["context-factory"] = tls.server_context_factory(self["cert"], self["key"])
+        except Exception as e:  # pyOpenSSL raises its own Error with a tuple
+            raise usage.UsageError(
+                f"cannot load --cert {self['cert']} / --key {self['key']}: {e}"
+            ) from None
+
+
+class EchoServerService(StreamServerEndpointService):
+    """Listens when twistd starts services, and says where."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: interfaces.IStreamServerEndpoint,
+        site: EchoSite,
+        cafile: Path | None,
+    ) -> None:
+        super().__init__(endpoint, site)
+        self._raiseSynchronously = True
+        self._cafile = cafile
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._announce)
+
+    def _announce(self, port: interfaces.IListeningPort) -> interfaces.IListeningPort:
+        number = port.getHost().port  # type: ignore[attr-defined]
+        self.log.info("echotwist listening on https://localhost:{port}/echo", port=number)
+        if self._cafile is not None:
+            self.log.info("clients should trust the CA file {cafile}", cafile=self._cafile)
+        return port
+
+
+def makeService(options: Options) -> service.IService:
+    """Build the service; print the token while the terminal is still attached."""
+    from twisted.internet import reactor
+
+    token: str = options["token"]
+    if options["token-file"]:
+        try:
+            tokens.write_token_file(options["token-file"], token)
+        except OSError as e:
+            raise usage.UsageError(f"cannot write --token-file: {e}") from None
+    print(f"Authentication token: {token}", flush=True)
+    if options["cafile"] is not None:
+        print(f"Trust this CA in clients: {options['cafile']}", flush=True)
+    sys.stdout.flush()
+
+    resource = EchoResource(tokens.TokenChecker(token), max_body=options["max-body"])
+    site = EchoSite(resource, timeout=options["timeout"])
+    endpoint = endpoints.SSL4ServerEndpoint(
+        reactor, options["port"], options["context-factory"], interface=options["interface"]
+    )
+    return EchoServerService(endpoint, site, options["cafile"])

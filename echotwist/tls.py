@@ -1,0 +1,157 @@
+"""
+TLS policy, server and client, in one place.
+
+The server side is a hardened L{DefaultOpenSSLContextFactory} (the user's design
+card names it).  Out of the box that class accepts RSA key exchange and CBC
+suites and offers no ALPN, so HTTP/2 never happens; and pyOpenSSL refuses to
+change a context once a connection has used it.  So everything is set where
+the context is first built, in C{cacheContext}.
+
+The client side verifies the chain and the hostname (service_identity) against
+a given CA file or the system's trust store; C{--insecure} is a separate,
+explicit policy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+#: TLS 1.2: forward-secret (ECDHE) AEAD suites only.
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+#: TLS 1.3 suites are all AEAD and forward-secret.
+TLS13_CIPHERSUITES = (
+    b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+)
+#: Server preference: HTTP/2 first.
+ALPN_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
+
+
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+    for proto in ALPN_PROTOCOLS:
+        if proto in offered:
+            return proto
+    return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+
+class HardenedContextFactory(ssl.DefaultOpenSSLContextFactory):
+    """
+    L{DefaultOpenSSLContextFactory} with the service's TLS policy: TLS 1.2 and
+    1.3 only, ECDHE + AEAD suites, no compression, no renegotiation, server
+    cipher preference, ALPN C{h2} then C{http/1.1}.
+
+    The certificate file may hold a chain (leaf first), as a real certificate
+    from a public CA usually does.
+    """
+
+    def cacheContext(self) -> None:
+        if self._context is not None:
+            return
+        ctx = self._contextFactory(self.sslmethod)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(
+            SSL.OP_NO_SSLv2
+            | SSL.OP_NO_SSLv3
+            | SSL.OP_NO_TLSv1
+            | SSL.OP_NO_TLSv1_1
+            | SSL.OP_NO_COMPRESSION
+            | SSL.OP_NO_RENEGOTIATION
+            | SSL.OP_CIPHER_SERVER_PREFERENCE
+        )
+        ctx.set_cipher_list(TLS12_CIPHERS)
+        ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
+        ctx.set_session_id(b"echotwist")
+        ctx.use_certificate_chain_file(self.certificateFileName)
+        ctx.use_privatekey_file(self.privateKeyFileName)
+        ctx.check_privatekey()
+        ctx.set_alpn_select_callback(_select_alpn)
+        self._context = ctx
+
+
+def server_context_factory(cert: str | Path, key: str | Path) -> HardenedContextFactory:
+    """The server's context factory for a PEM certificate (chain) and key."""
+    return HardenedContextFactory(str(key), str(cert))
+
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def load_trust_root(cafile: str | Path) -> IOpenSSLTrustRoot:
+    """Trust every certificate in a PEM bundle (one CA or several)."""
+    data = Path(cafile).read_bytes()
+    blocks: Sequence[bytes] = _PEM_CERT.findall(data)
+    if not blocks:
+        raise ValueError(f"{cafile} holds no PEM certificate")
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+
+
+@implementer(IPolicyForHTTPS)
+class VerifyingPolicy:
+    """
+    Verify the server's chain and hostname, TLS 1.2 at least.
+
+    Like L{BrowserLikePolicyForHTTPS}, with an optional private trust root and a
+    raised minimum version.
+    """
+
+    def __init__(self, trust_root: IOpenSSLTrustRoot | None = None) -> None:
+        self._trust_root = trust_root if trust_root is not None else ssl.platformTrust()
+
+    def creatorForNetloc(
+        self, hostname: bytes, port: int
+    ) -> IOpenSSLClientConnectionCreator:
+        return ssl.optionsForClientTLS(
+            hostname.decode("ascii"),
+            trustRoot=self._trust_root,
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedCreator:
+    def __init__(self, hostname: bytes) -> None:
+        self._hostname = hostname
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+        self._ctx = ctx
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(tlsProtocol)
+        if not re.fullmatch(rb"[0-9.:]+", self._hostname):
+            conn.set_tlsext_host_name(self._hostname)
+        conn.set_connect_state()
+        return conn
+
+
+@implementer(IPolicyForHTTPS)
+class InsecurePolicy:
+    """No verification at all: what C{--insecure} asks for, and nothing else does."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> _UnverifiedCreator:
+        return _UnverifiedCreator(hostname)
+
+
+def client_policy(cafile: str | Path | None, insecure: bool) -> IPolicyForHTTPS:
+    """The client's TLS policy for the given flags."""
+    if insecure:
+        return InsecurePolicy()
+    if cafile is None:
+        return BrowserLikePolicyForHTTPS()
+    return VerifyingPolicy(load_trust_root(cafile))
