@@ -153,6 +153,19 @@ def tree_cpu_seconds(leader: int) -> float:
     return ticks / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """Busy (non-idle, non-iowait) CPU time of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """CPU of the harness's reaped children (the load generators, through `timeout`)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _status_kib(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -252,7 +265,14 @@ class Env:
         return os.access(os.path.join(self.et_venv, "bin", "twistd"), os.X_OK)
 
     def client_available(self) -> bool:
-        return os.access(os.path.join(self.et_venv, "bin", "echotwist-client"), os.X_OK)
+        """echotwist-client with its `load` command (issue 6 compares it with wrk)."""
+        exe = os.path.join(self.et_venv, "bin", "echotwist-client")
+        if not os.access(exe, os.X_OK):
+            return False
+        try:
+            return subprocess.run([exe, "load", "--help"], capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
 
 
 # --------------------------------------------------------------------------- servers
@@ -534,6 +554,7 @@ def run_wrk(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     errors = j["err_connect"] + j["err_read"] + j["err_write"] + j["err_timeout"]
     ok = j["requests"] - j["err_status"]
     return {"ok": ok, "non2xx": j["err_status"], "errors": errors, "seconds": secs,
+            "recv_mib_s": round(j["bytes"] / MIB / secs, 1) if secs else None,
             "lat_p50_ms": j["lat_p50_us"] / 1000, "lat_p99_ms": j["lat_p99_us"] / 1000, "tool": "wrk"}
 
 
@@ -613,7 +634,7 @@ SCENARIOS = {
     "body-1MiB": dict(title="1 MiB bodies, 8 connections (wrk)", runner=run_wrk, conns=8, size=MIB,
                       unit="MiB/s"),
     "body-16MiB": dict(title="16 MiB bodies, 8 connections (wrk)", runner=run_wrk, conns=8, size=16 * MIB,
-                       unit="MiB/s"),
+                       unit="MiB/s", min_duration=10.0),  # 8 x 16 MiB in flight: a short run may see no reply
     "h2-64B": dict(title="HTTP/2, 64 B, 50 conns x 10 streams (h2load)", runner=run_h2load, conns=50,
                    streams=10, size=64, unit="req/s", needs_h2=True),
     "client-load-64B": dict(title="echotwist-client load, 64 B, 50 clients", runner=run_client_load,
@@ -632,14 +653,20 @@ def one_run(env: Env, server_cls, sc_name: str, rnd: int) -> dict:
             sc["runner"](env, srv, sc, env.args.warmup)
         sampler = RssSampler(srv.pid)
         sampler.start()
+        duration = max(env.args.duration, sc.get("min_duration", 0.0))
+        sys0, lg0 = machine_busy_seconds(), children_cpu_seconds()
         cpu0, t0 = tree_cpu_seconds(srv.pid), time.monotonic()
-        res = sc["runner"](env, srv, sc, env.args.duration)
+        res = sc["runner"](env, srv, sc, duration)
         cpu1, t1 = tree_cpu_seconds(srv.pid), time.monotonic()
+        sys1, lg1 = machine_busy_seconds(), children_cpu_seconds()
         peak_kib = sampler.finish()
         alive = srv.proc.poll() is None
         rec.update(res)
         rec["server_cpu_s"] = round(cpu1 - cpu0, 3)
         rec["wall_s"] = round(t1 - t0, 3)
+        # noise: CPU that neither the server nor the load generator used during the run
+        rec["load_cpu_s"] = round(lg1 - lg0, 3)
+        rec["other_cpu_s"] = round(max(0.0, (sys1 - sys0) - (cpu1 - cpu0) - (lg1 - lg0)), 3)
         rec["peak_rss_mib"] = round(peak_kib / 1024, 1)
         if not alive:
             rec["error"] = (rec.get("error", "") + " server died during the run").strip()
@@ -714,6 +741,8 @@ def summarize(runs: list[dict], servers: list[str], scenarios: list[str]) -> dic
                 "server_cpu_s": med([r["server_cpu_s"] for r in good]),
                 "per_cpu_s": med([r.get("per_cpu_s") for r in good]),
                 "cpu_util": med([r.get("cpu_util") for r in good]),
+                "load_cpu_s": med([r.get("load_cpu_s") for r in good]),
+                "other_cpu_s": med([r.get("other_cpu_s") for r in good]),
                 "peak_rss_mib": med([r.get("peak_rss_mib") for r in good]),
                 "peak_rss_max_mib": max([r.get("peak_rss_mib") or 0 for r in good], default=None),
                 "lat_p99_ms": med([r.get("lat_p99_ms") for r in good]),
@@ -725,8 +754,8 @@ def summarize(runs: list[dict], servers: list[str], scenarios: list[str]) -> dic
 
 def table(summary: dict, servers: list[str], scenarios: list[str], base: str = "echotwist") -> str:
     lines = ["| scenario | server | rate | x echotwist | server CPU-s | per server CPU-s | x echotwist "
-             "| CPU use | peak RSS MiB | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server CPU use | load CPU-s | other CPU-s | peak RSS MiB | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for sc in scenarios:
         unit = SCENARIOS[sc]["unit"]
         b = summary.get(sc, {}).get(base, {})
@@ -735,8 +764,8 @@ def table(summary: dict, servers: list[str], scenarios: list[str], base: str = "
             if v is None:
                 continue
             if v["rate"] is None:
-                why = "; ".join(v["failures"])[:80] or "no result"
-                lines.append(f"| {sc} | {s} | n/a | | | | | | | {why} |")
+                why = " ".join("; ".join(v["failures"]).split())[:80].replace("|", "/") or "no result"
+                lines.append(f"| {sc} | {s} | n/a | | | | | | | | | {why} |")
                 continue
             r1 = (v["rate"] / b["rate"]) if b.get("rate") and s != base else None
             r2 = (v["per_cpu_s"] / b["per_cpu_s"]) if b.get("per_cpu_s") and v["per_cpu_s"] and s != base else None
@@ -745,6 +774,7 @@ def table(summary: dict, servers: list[str], scenarios: list[str], base: str = "
                 f"| {sc} | {s} | {fmt(v['rate'])} {unit} | {fmt(r1, 2) + 'x' if r1 else ''} | "
                 f"{fmt(v['server_cpu_s'], 2)} | {fmt(v['per_cpu_s'])} {per_unit} | {fmt(r2, 2) + 'x' if r2 else ''} | "
                 f"{fmt(v['cpu_util'] * 100 if v['cpu_util'] is not None else None, 0)}% | "
+                f"{fmt(v['load_cpu_s'], 2)} | {fmt(v['other_cpu_s'], 2)} | "
                 f"{fmt(v['peak_rss_mib'])} | {v['errors']} |")
     return "\n".join(lines)
 
@@ -754,7 +784,7 @@ def idle_table(idle: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in idle:
         if r.get("error") and "per_conn_kib" not in r:
-            lines.append(f"| {r['server']} | n/a | | | | {r['error'][:80]} |")
+            lines.append(f"| {r['server']} | n/a | | | | {' '.join(r['error'].split())[:80]} |")
             continue
         lines.append(f"| {r['server']} | {r.get('opened')} | {fmt(r.get('rss_before_kib', 0) / 1024)} | "
                      f"{fmt(r.get('rss_after_kib', 0) / 1024)} | {fmt(r.get('per_conn_kib'))} | "
@@ -766,17 +796,19 @@ def idle_table(idle: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench/run", description="echotwist vs aiohttp vs nginx, side by side")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 s per run, no warm-up")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; servers interleaved within each (default 3)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run (default 5)")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first (default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 round, 2 s per run, no warm-up, 2000 idle connections (explicit options win)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds; servers interleaved within each (default 3)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of load per measured run (default 5; "
+                   "16 MiB bodies at least 10)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds of unmeasured load first (default 1)")
     p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
                    help=f"comma list of {', '.join(SCENARIOS)} (default: all)")
     p.add_argument("--servers", default="echotwist,aiohttp,nginx",
                    help=f"comma list of {', '.join(SERVERS)} (default echotwist,aiohttp,nginx)")
     p.add_argument("--idle", action="store_true", help="also hold idle TLS connections (bench/idle_conns.py)")
     p.add_argument("--idle-only", action="store_true", help="only the idle-connections measurement")
-    p.add_argument("--idle-conns", type=int, default=10000)
+    p.add_argument("--idle-conns", type=int, default=None, help="idle connections to hold (default 10000)")
     p.add_argument("--idle-seconds", type=float, default=180.0, help="time bound of one idle run")
     p.add_argument("--idle-servers", default="echotwist,aiohttp,nginx")
     p.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes (default 1: one core)")
@@ -787,9 +819,10 @@ def parse_args(argv=None):
     p.add_argument("--no-pin", action="store_true", help="no taskset")
     p.add_argument("--label", default="", help="a word added to the result file names")
     a = p.parse_args(argv)
-    if a.quick:
-        a.rounds, a.duration, a.warmup = 1, 2.0, 0.0
-        a.idle_conns = min(a.idle_conns, 2000)
+    for name, normal, quick in (("rounds", 3, 1), ("duration", 5.0, 2.0), ("warmup", 1.0, 0.0),
+                                ("idle_conns", 10000, 2000)):
+        if getattr(a, name) is None:
+            setattr(a, name, quick if a.quick else normal)
     a.duration = max(1.0, min(a.duration, 120.0))  # every run bounded
     a.rounds = max(1, min(a.rounds, 20))
     return a
