@@ -55,6 +55,7 @@ class Procs:
 
     def start(self, cmd, *, env=None, stdout=None, stderr=None, raise_nofile=False):
         def pre():
+            _die_with_parent()
             if raise_nofile:
                 raise_nofile_limit(65536)
         p = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
@@ -86,6 +87,15 @@ class Procs:
     def stop_all(self) -> None:
         for p in list(self.live.values()):
             self.stop(p, grace=3.0)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: get SIGTERM if the harness dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -575,8 +585,9 @@ def run_ab(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     failed = num(r"^Failed requests:\s+(\d+)", 0)
     p50 = num(r"^\s+50%\s+(\d+)")
     p99 = num(r"^\s+99%\s+(\d+)")
+    tls = re.search(r"^SSL/TLS Protocol:\s+(\S+)", out, re.M)
     return {"ok": int(complete - non2xx), "non2xx": int(non2xx), "errors": int(failed), "seconds": secs,
-            "lat_p50_ms": p50, "lat_p99_ms": p99, "tool": "ab"}
+            "lat_p50_ms": p50, "lat_p99_ms": p99, "tool": "ab", "tls": tls.group(1) if tls else None}
 
 
 def run_h2load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
@@ -779,6 +790,20 @@ def table(summary: dict, servers: list[str], scenarios: list[str], base: str = "
     return "\n".join(lines)
 
 
+def client_vs_wrk(summary: dict, servers: list[str]) -> str:
+    """Issue 6: `echotwist-client load` must drive at least 0.8x the rate wrk drives."""
+    rows = []
+    for s in servers:
+        w = summary.get("keepalive-64B", {}).get(s, {}).get("rate")
+        c = summary.get("client-load-64B", {}).get(s, {}).get("rate")
+        if w and c:
+            rows.append(f"| {s} | {fmt(w)} req/s | {fmt(c)} req/s | {c / w:.2f}x |")
+    if not rows:
+        return ""
+    return "\n".join(["| server | wrk keepalive-64B | echotwist-client load | load / wrk |", "|---|---:|---:|---:|"]
+                     + rows)
+
+
 def idle_table(idle: list[dict]) -> str:
     lines = ["| server | idle TLS conns held | RSS before MiB | RSS after MiB | KiB per connection | seconds |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -933,6 +958,9 @@ def _main(env: Env, args, stamp: str) -> int:
                         continue
                     rec = one_run(env, SERVERS[s], sc, rnd)
                     runs.append(rec)
+                    if rec.get("other_cpu_s", 0) > 0.5 * rec.get("wall_s", 1e9):
+                        log(f"{sc} r{rnd} {s}: noisy run: other processes used {rec['other_cpu_s']} CPU-s "
+                            f"in {rec['wall_s']} s")
                     if rec.get("error"):
                         log(f"{sc} r{rnd} {s}: ERROR {rec['error']}")
                     else:
@@ -954,6 +982,9 @@ def _main(env: Env, args, stamp: str) -> int:
     if not args.idle_only:
         md += ["Medians over the rounds. `x echotwist` = peer / echotwist (above 1: the peer is ahead).", "",
                table(summary, servers, scenarios), ""]
+    cmp = client_vs_wrk(summary, servers)
+    if cmp:
+        md += ["`echotwist-client load` against wrk, same server, same 50-way concurrency, same run:", "", cmp, ""]
     if idle:
         md += ["Idle TLS connections held by one server process:", "", idle_table(idle), ""]
     text = "\n".join(md)
