@@ -399,7 +399,7 @@ def render(tmpl: str, **values: str) -> str:
 
 
 def nginx_version() -> tuple[int, ...]:
-    out = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
+    out = subprocess.run(["/usr/sbin/nginx", "-v"], capture_output=True, text=True).stderr
     m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out)
     return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
 
