@@ -33,9 +33,7 @@ def _positive_int(name: str):  # type: ignore[no-untyped-def]
         try:
             number = int(value)
         except ValueError:
-            raise usage.UsageError(
-                f"--{name} must be a whole number, not {value!r}"
-            ) from None
+            raise usage.UsageError(f"--{name} must be a whole number, not {value!r}") from None
         if number < 0:
             raise usage.UsageError(f"--{name} must not be negative")
         return number
@@ -48,9 +46,7 @@ def _seconds(name: str):  # type: ignore[no-untyped-def]
         try:
             number = float(value)
         except ValueError:
-            raise usage.UsageError(
-                f"--{name} must be a number of seconds, not {value!r}"
-            ) from None
+            raise usage.UsageError(f"--{name} must be a number of seconds, not {value!r}") from None
         if not number > 0:
             raise usage.UsageError(f"--{name} must be more than 0 seconds")
         return number

@@ -89,9 +89,7 @@ async def start_server(
     return LiveServer(token, listening.getHost().port, site, listening, paths.ca_cert)
 
 
-def make_agent(
-    case: TestCase, cafile: Path | None = None, persistent: bool = False
-) -> Agent:
+def make_agent(case: TestCase, cafile: Path | None = None, persistent: bool = False) -> Agent:
     """An Agent trusting C{cafile} (default: the dev CA); its pool closes at cleanup."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)
     case.addCleanup(pool.closeCachedConnections)

@@ -108,9 +108,7 @@ class RefusalTests(TestCase):
         self.assertEqual(response.status, 200)
 
     def test_declared_body_over_limit_is_413_before_the_body(self) -> None:
-        head = raw_request(b"", TOKEN)[:-4].replace(
-            b"Content-Length: 0", b"Content-Length: 11"
-        )
+        head = raw_request(b"", TOKEN)[:-4].replace(b"Content-Length: 0", b"Content-Length: 11")
         response = parse_response(self.exchange(head + b"\r\n\r\n", max_body=10))
         self.assertEqual(response.status, 413)
 
@@ -129,8 +127,7 @@ class RefusalTests(TestCase):
 
     def test_no_100_continue_for_a_refused_request(self) -> None:
         head = (
-            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
-            b"Expect: 100-continue\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
         )
         raw = self.exchange(head)
         self.assertNotIn(b"100 Continue", raw)
