@@ -116,6 +116,12 @@ class Options(usage.Options):
             self["token"] = tokens.server_token()
         except tokens.TokenError as e:
             raise usage.UsageError(str(e)) from None
+        if self["token-file"]:
+            try:
+                tokens.write_token_file(self["token-file"], self["token"])
+            except OSError as e:
+                msg = f"cannot write --token-file {self['token-file']}: {e.strerror or e}"
+                raise usage.UsageError(msg) from None
         self["cafile"] = None
         if self["cert"] is None:
             try:
@@ -165,11 +171,6 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     token: str = options["token"]
-    if options["token-file"]:
-        try:
-            tokens.write_token_file(options["token-file"], token)
-        except OSError as e:
-            raise usage.UsageError(f"cannot write --token-file: {e}") from None
     print(f"Authentication token: {token}", flush=True)
     if options["cafile"] is not None:
         print(f"Trust this CA in clients: {options['cafile']}", flush=True)
