@@ -278,6 +278,7 @@ def start_twistd(
     cwd: Path | None = None,
     cert_dir: Path | None = None,
     deadline: float = 30.0,
+    twistd: str = TWISTD,
 ) -> Twistd:
     """
     Start C{twistd -n --pidfile= echo --port 0 --interface 127.0.0.1 ARGS} and
@@ -287,7 +288,7 @@ def start_twistd(
     cwd = cwd or Path(case.mktemp())
     cwd.mkdir(parents=True, exist_ok=True)
     argv = [
-        TWISTD,
+        twistd,
         "-n",
         "--pidfile=",
         "echo",
