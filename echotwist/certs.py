@@ -111,9 +111,7 @@ def _make_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
             ),
             critical=True,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     _write_private(paths.ca_key, _key_pem(key))
@@ -138,9 +136,7 @@ def _make_server(
         .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -175,9 +171,7 @@ def ensure_dev_certs(directory: str | os.PathLike[str]) -> CertPaths:
     paths.directory.mkdir(parents=True, exist_ok=True)
     if paths.ca_cert.exists() and paths.ca_key.exists():
         ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-        loaded = serialization.load_pem_private_key(
-            paths.ca_key.read_bytes(), password=None
-        )
+        loaded = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{paths.ca_key} is not an ECDSA key")
         ca_key = loaded

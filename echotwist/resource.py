@@ -94,9 +94,7 @@ class EchoResource(Resource):
         content = cast(IO[bytes], request.content)
         content.seek(0, 2)
         length = content.tell()
-        status = self.early_status(
-            request.method, request.uri, request.requestHeaders, length
-        )
+        status = self.early_status(request.method, request.uri, request.requestHeaders, length)
         if status is not None:
             return refuse(request, status)
         content.seek(0)

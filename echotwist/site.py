@@ -64,8 +64,7 @@ class EchoSite(server.Site):
         duration_ms = (time.monotonic() - started) * 1000 if started else 0.0
         body_in = getattr(request, "body_received", 0)
         self.access_log.info(
-            "{peer} {method} {path} {status} in={bytes_in} out={bytes_out} "
-            "{duration_ms:.1f}ms",
+            "{peer} {method} {path} {status} in={bytes_in} out={bytes_out} {duration_ms:.1f}ms",
             peer=_peer(request),
             method=method,
             path=path,

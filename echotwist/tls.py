@@ -33,9 +33,7 @@ TLS12_CIPHERS = (
     b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 #: TLS 1.3 suites are all AEAD and forward-secret.
-TLS13_CIPHERSUITES = (
-    b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
-)
+TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 #: Server preference: HTTP/2 first.
 ALPN_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 
@@ -86,9 +84,7 @@ def server_context_factory(cert: str | Path, key: str | Path) -> HardenedContext
     return HardenedContextFactory(str(key), str(cert))
 
 
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def load_trust_root(cafile: str | Path) -> IOpenSSLTrustRoot:
@@ -112,9 +108,7 @@ class VerifyingPolicy:
     def __init__(self, trust_root: IOpenSSLTrustRoot | None = None) -> None:
         self._trust_root = trust_root if trust_root is not None else ssl.platformTrust()
 
-    def creatorForNetloc(
-        self, hostname: bytes, port: int
-    ) -> IOpenSSLClientConnectionCreator:
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         return ssl.optionsForClientTLS(
             hostname.decode("ascii"),
             trustRoot=self._trust_root,

@@ -55,8 +55,7 @@ class ConnectionOptions(usage.Options):
             "token",
             "t",
             None,
-            "The token the server printed "
-            "(visible to ps: prefer --token-file or ECHOTWIST_TOKEN).",
+            "The token the server printed (visible to ps: prefer --token-file or ECHOTWIST_TOKEN).",
         ],
         ["token-file", None, None, "Read the token from this file."],
         [
@@ -108,9 +107,7 @@ class ConnectionOptions(usage.Options):
         except tokens.TokenError as e:
             raise usage.UsageError(str(e)) from None
         if from_env is None:
-            raise usage.UsageError(
-                f"no token: give --token, --token-file or set {tokens.ENV_VAR}"
-            )
+            raise usage.UsageError(f"no token: give --token, --token-file or set {tokens.ENV_VAR}")
         return from_env
 
 
@@ -167,9 +164,7 @@ class SendOptions(ConnectionOptions):
         try:
             return Path(self["message-file"]).read_bytes()
         except OSError as e:
-            raise usage.UsageError(
-                f"cannot read --message-file: {e.strerror or e}"
-            ) from None
+            raise usage.UsageError(f"cannot read --message-file: {e.strerror or e}") from None
 
 
 class ClientOptions(usage.Options):
@@ -187,8 +182,7 @@ class ClientOptions(usage.Options):
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError(
-                "a command is required: "
-                + ", ".join(name for name, _, _, _ in self.subCommands)
+                "a command is required: " + ", ".join(name for name, _, _, _ in self.subCommands)
             )
 
 
@@ -208,9 +202,7 @@ async def _send(
     if options["insecure"]:
         _warn(stderr, "warning: --insecure: the server's certificate is NOT verified")
     content_type = options["content-type"]
-    agent = Agent(
-        reactor, contextFactory=options["policy"], connectTimeout=options["timeout"]
-    )
+    agent = Agent(reactor, contextFactory=options["policy"], connectTimeout=options["timeout"])
     try:
         received = await send_once(
             reactor,

@@ -107,9 +107,7 @@ def classify(exc: BaseException, *, timeout: float | None = None) -> Problem:
         if isinstance(inner, (VerificationError, SSL.Error)):
             return Problem(Cause.TLS, _tls_text(inner))
     for inner in _causes(exc):
-        if isinstance(
-            inner, (defer.TimeoutError, defer.CancelledError, error.TimeoutError)
-        ):
+        if isinstance(inner, (defer.TimeoutError, defer.CancelledError, error.TimeoutError)):
             after = f" after {timeout:g} s" if timeout else ""
             return Problem(Cause.TIMEOUT, f"timed out{after}")
         if isinstance(inner, error.ConnectionRefusedError):

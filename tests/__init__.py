@@ -1,0 +1,1 @@
+"""echotwist's tests: trial TestCases, collected by pytest."""

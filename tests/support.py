@@ -1,0 +1,356 @@
+"""
+Shared test fixtures: a real TLS server on port 0, an in-memory channel, and the
+real C{twistd} / C{echotwist-client} commands in subprocesses.
+
+Every helper registers its own cleanup on the TestCase it is given, so a test
+leaves no listener, connection or process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.internet import endpoints, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+
+from echotwist import certs, tls, tokens
+from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
+from echotwist.site import EchoSite
+
+BIN = Path(sys.executable).parent
+TWISTD = str(BIN / "twistd")
+CLIENT = str(BIN / "echotwist-client")
+
+_cert_dir: Path | None = None
+
+
+def dev_certs() -> certs.CertPaths:
+    """One development CA and server certificate for the whole test run."""
+    global _cert_dir
+    if _cert_dir is None:
+        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-"))
+    return certs.ensure_dev_certs(_cert_dir)
+
+
+def make_site(
+    token: str, max_body: int = DEFAULT_MAX_BODY, timeout: float = 60.0, clock=None
+) -> EchoSite:
+    return EchoSite(
+        EchoResource(tokens.TokenChecker(token), max_body=max_body),
+        timeout=timeout,
+        reactor=clock,
+    )
+
+
+@dataclass
+class LiveServer:
+    """A real echotwist site behind real TLS on 127.0.0.1:port."""
+
+    token: str
+    port: int
+    site: Site
+    listening: IListeningPort
+    cafile: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def ip_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+async def listen_tls(case: TestCase, site: Site, interface: str = "127.0.0.1") -> IListeningPort:
+    """Serve any Site over the development certificate on port 0; stop at cleanup."""
+    paths = dev_certs()
+    factory = tls.server_context_factory(paths.server_cert, paths.server_key)
+    endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, factory, interface=interface)
+    listening = await endpoint.listen(site)
+    case.addCleanup(listening.stopListening)
+    return listening
+
+
+async def start_server(
+    case: TestCase, token: str | None = None, interface: str = "127.0.0.1", **site_args
+) -> LiveServer:
+    """A real echotwist site on port 0 with the development certificate."""
+    token = token or tokens.generate_token()
+    site = make_site(token, **site_args)
+    listening = await listen_tls(case, site, interface)
+    return LiveServer(token, listening.getHost().port, site, listening, dev_certs().ca_cert)
+
+
+async def start_impostor(case: TestCase, resource: IResource) -> LiveServer:
+    """
+    A server that looks like echotwist (same TLS, same port-0 setup) but answers
+    with C{resource}: for tests of a client facing a server that misbehaves.
+    """
+    site = Site(resource)
+    listening = await listen_tls(case, site)
+    return LiveServer("", listening.getHost().port, site, listening, dev_certs().ca_cert)
+
+
+def make_agent(case: TestCase, cafile: Path | None = None, persistent: bool = False) -> Agent:
+    """An Agent trusting C{cafile} (default: the dev CA); its pool closes at cleanup."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    case.addCleanup(pool.closeCachedConnections)
+    policy = tls.client_policy(cafile or dev_certs().ca_cert, insecure=False)
+    return Agent(reactor, contextFactory=policy, pool=pool)
+
+
+class InMemoryHTTP:
+    """
+    Drive an L{EchoSite} over an in-memory transport: raw request bytes in,
+    raw response bytes out.  No sockets, no TLS; the clock is a L{Clock}.
+    """
+
+    def __init__(self, token: str, **site_args) -> None:
+        self.clock = Clock()
+        self.site = make_site(token, clock=self.clock, **site_args)
+        self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def feed(self, data: bytes) -> bytes:
+        """Send bytes; return what the server has written so far (and clear it)."""
+        self.protocol.dataReceived(data)
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def close(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+@dataclass
+class Response:
+    """A parsed HTTP/1.1 response."""
+
+    status: int
+    headers: dict[bytes, list[bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+
+def parse_response(raw: bytes) -> Response:
+    """Parse one HTTP/1.1 response with a Content-Length or chunked body."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    if b"content-length" in headers:
+        body = rest[: int(headers[b"content-length"][0])]
+    elif headers.get(b"transfer-encoding") == [b"chunked"]:
+        body = b""
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            body += rest[:size]
+            rest = rest[size + 2 :]
+    else:
+        body = rest
+    return Response(status, headers, body)
+
+
+def raw_request(
+    body: bytes = b"",
+    token: str | None = None,
+    method: bytes = b"POST",
+    path: bytes = b"/echo",
+    extra: list[bytes] | None = None,
+    content_length: bool = True,
+) -> bytes:
+    """The bytes of an HTTP/1.1 request, built by hand so tests control every byte."""
+    lines = [method + b" " + path + b" HTTP/1.1", b"Host: localhost"]
+    if token is not None:
+        lines.append(b"Token: " + token.encode())
+    if content_length:
+        lines.append(b"Content-Length: %d" % len(body))
+    lines += extra or []
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+# -- the real commands ----------------------------------------------------------
+
+
+@dataclass
+class Twistd:
+    """A real C{twistd -n echo} in a subprocess; its output is read by a thread."""
+
+    process: subprocess.Popen[bytes]
+    cert_dir: Path
+    token: str = ""
+    port: int = 0
+    output: list[str] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def cafile(self) -> Path:
+        return self.cert_dir / "ca.pem"
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.output)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
+            with self._changed:
+                self.output.append(line)
+                token = _TOKEN.match(line.strip())
+                if token:
+                    self.token = token.group(1)
+                listening = _LISTENING.search(line)
+                if listening and not self.port:
+                    self.port = int(listening.group(1))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        """Wait until a line of output matches C{pattern}."""
+        regex = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.output:
+                    found = regex.search(line)
+                    if found:
+                        return found
+                left = end - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not left):
+                    raise AssertionError(f"no line matches {pattern!r}:\n{self.text}")
+                self._changed.wait(min(left, 0.2))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+_LISTENING = re.compile(r"listening on https://localhost:(\d+)/echo")
+_TOKEN = re.compile(r"^Authentication token: (\S+)$")
+
+
+def start_twistd(
+    case: TestCase,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    cert_dir: Path | None = None,
+    deadline: float = 30.0,
+    twistd: str = TWISTD,
+) -> Twistd:
+    """
+    Start C{twistd -n --pidfile= echo --port 0 --interface 127.0.0.1 ARGS} and
+    wait until it says where it listens.  It is stopped at cleanup.
+    """
+    cert_dir = cert_dir or dev_certs().directory
+    cwd = cwd or Path(case.mktemp())
+    cwd.mkdir(parents=True, exist_ok=True)
+    argv = [
+        twistd,
+        "-n",
+        "--pidfile=",
+        "echo",
+        "--port",
+        "0",
+        "--interface",
+        "127.0.0.1",
+        "--cert-dir",
+        str(cert_dir),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    server = Twistd(proc, cert_dir)
+    case.addCleanup(server.stop)
+    threading.Thread(target=server._read, daemon=True).start()
+    try:
+        server.wait_for(_LISTENING.pattern, deadline)
+    except AssertionError:
+        server.stop(signal.SIGKILL)
+        raise AssertionError("twistd did not start:\n" + server.text) from None
+    return server
+
+
+def run_client(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the real C{echotwist-client ARGS}; the environment has no token unless given."""
+    full_env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+    full_env.update(env or {})
+    return subprocess.run(
+        [CLIENT, *args],
+        input=stdin,
+        capture_output=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+
+
+async def run_client_async(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[bytes, bytes, int]:
+    """
+    Run the real C{echotwist-client ARGS} without blocking the reactor, so it
+    can talk to a server running in this process.  Returns (stdout, stderr, code).
+    """
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    full_env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+    full_env.update(env or {})
+    out, err, code = await getProcessOutputAndValue(
+        CLIENT, args, env=full_env, path=str(cwd) if cwd else None
+    )
+    return out, err, code

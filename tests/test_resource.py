@@ -1,0 +1,194 @@
+"""
+The echo endpoint in memory: raw HTTP/1.1 bytes through the real Site and
+channel over a StringTransport.  Fast, no sockets; one behaviour per test.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import TestCase
+
+from echotwist.resource import EchoResource
+from echotwist.tokens import TokenChecker
+from tests.support import InMemoryHTTP, parse_response, raw_request
+
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+
+
+class EchoTests(TestCase):
+    def exchange(self, request: bytes, **site_args) -> bytes:
+        server = InMemoryHTTP(TOKEN, **site_args)
+        self.addCleanup(server.close)
+        return server.feed(request)
+
+    def test_echoes_the_body_byte_for_byte(self) -> None:
+        body = b"hello \x00\xff %s %d %% \r\n world"
+        response = parse_response(self.exchange(raw_request(body, TOKEN)))
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, body)
+        self.assertEqual(response.header(b"content-length"), b"%d" % len(body))
+
+    def test_empty_body_echoes_empty(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"", TOKEN)))
+        self.assertEqual((response.status, response.body), (200, b""))
+        self.assertEqual(response.header(b"content-length"), b"0")
+
+    def test_content_type_is_echoed(self) -> None:
+        request = raw_request(b"{}", TOKEN, extra=[b"Content-Type: application/json"])
+        response = parse_response(self.exchange(request))
+        self.assertEqual(response.header(b"content-type"), b"application/json")
+
+    def test_content_type_defaults_to_octet_stream(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x", TOKEN)))
+        self.assertEqual(response.header(b"content-type"), b"application/octet-stream")
+
+    def test_form_bodies_are_not_parsed(self) -> None:
+        body = b"a=1&b=%ZZ"
+        request = raw_request(
+            body, TOKEN, extra=[b"Content-Type: application/x-www-form-urlencoded"]
+        )
+        self.assertEqual(parse_response(self.exchange(request)).body, body)
+
+    def test_bearer_token_is_accepted(self) -> None:
+        request = raw_request(b"x", extra=[b"Authorization: Bearer " + TOKEN.encode()])
+        self.assertEqual(parse_response(self.exchange(request)).status, 200)
+
+    def test_chunked_body_is_echoed(self) -> None:
+        request = (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nToken: " + TOKEN.encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+        self.assertEqual(parse_response(self.exchange(request)).body, b"abcde")
+
+    def test_server_header_has_no_version(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x", TOKEN)))
+        self.assertEqual(response.header(b"server"), b"echotwist")
+
+    def test_keep_alive_serves_pipelined_requests_in_order(self) -> None:
+        raw = self.exchange(raw_request(b"first", TOKEN) + raw_request(b"second", TOKEN))
+        first_end = raw.index(b"first") + len(b"first")
+        self.assertEqual(parse_response(raw[:first_end]).body, b"first")
+        self.assertEqual(parse_response(raw[first_end:]).body, b"second")
+
+
+class RefusalTests(TestCase):
+    def exchange(self, request: bytes, **site_args) -> bytes:
+        server = InMemoryHTTP(TOKEN, **site_args)
+        self.addCleanup(server.close)
+        return server.feed(request)
+
+    def test_missing_token_is_401_with_www_authenticate(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x")))
+        self.assertEqual(response.status, 401)
+        self.assertEqual(response.header(b"www-authenticate"), b'Bearer realm="echotwist"')
+        self.assertEqual(response.body, b"missing or wrong token\n")
+
+    def test_wrong_token_is_401(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x", "f" * 40)))
+        self.assertEqual(response.status, 401)
+
+    def test_token_prefix_is_401(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x", TOKEN[:-1])))
+        self.assertEqual(response.status, 401)
+
+    def test_other_method_is_405_with_allow(self) -> None:
+        for method in (b"GET", b"PUT", b"DELETE", b"HEAD"):
+            response = parse_response(
+                self.exchange(raw_request(token=TOKEN, method=method, content_length=False))
+            )
+            self.assertEqual((method, response.status), (method, 405))
+            self.assertEqual(response.header(b"allow"), b"POST")
+
+    def test_other_path_is_404(self) -> None:
+        for path in (b"/", b"/echo/", b"/echox", b"/other"):
+            response = parse_response(self.exchange(raw_request(b"x", TOKEN, path=path)))
+            self.assertEqual((path, response.status), (path, 404))
+
+    def test_query_string_still_reaches_echo(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x", TOKEN, path=b"/echo?a=1")))
+        self.assertEqual(response.status, 200)
+
+    def test_declared_body_over_limit_is_413_before_the_body(self) -> None:
+        head = raw_request(b"", TOKEN)[:-4].replace(b"Content-Length: 0", b"Content-Length: 11")
+        response = parse_response(self.exchange(head + b"\r\n\r\n", max_body=10))
+        self.assertEqual(response.status, 413)
+
+    def test_body_of_exactly_the_limit_is_accepted(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x" * 10, TOKEN), max_body=10))
+        self.assertEqual((response.status, response.body), (200, b"x" * 10))
+
+    def test_missing_token_beats_body_too_large(self) -> None:
+        response = parse_response(self.exchange(raw_request(b"x" * 11), max_body=10))
+        self.assertEqual(response.status, 401)
+
+    def test_refusal_is_sent_before_the_body_arrives(self) -> None:
+        head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+        response = parse_response(self.exchange(head))
+        self.assertEqual(response.status, 401)
+
+    def test_no_100_continue_for_a_refused_request(self) -> None:
+        head = (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+        )
+        raw = self.exchange(head)
+        self.assertNotIn(b"100 Continue", raw)
+        self.assertEqual(parse_response(raw).status, 401)
+
+    def test_100_continue_for_an_accepted_request(self) -> None:
+        head = (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nToken: " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: 10\r\nExpect: 100-continue\r\n\r\n"
+        )
+        self.assertTrue(self.exchange(head).startswith(b"HTTP/1.1 100 Continue"))
+
+    def test_chunked_body_over_limit_is_413(self) -> None:
+        request = (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nToken: " + TOKEN.encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n"
+        )
+        response = parse_response(self.exchange(request, max_body=10))
+        self.assertEqual(response.status, 413)
+
+    def test_refused_body_is_not_kept(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        server.feed(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        request = server.protocol._channel.requests[0]
+        server.feed(b"x" * 50000)
+        self.assertEqual(request.content.tell(), 0)
+        self.assertEqual(request.body_received, 50000)
+
+    def test_refused_connection_closes_after_linger(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        server.feed(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        self.assertFalse(server.transport.disconnecting)
+        server.clock.advance(10)
+        self.assertTrue(server.transport.disconnecting)
+
+    def test_error_bodies_are_one_line(self) -> None:
+        for request in (raw_request(b"x"), raw_request(b"x", TOKEN, path=b"/x")):
+            body = parse_response(self.exchange(request)).body
+            self.assertEqual(body.count(b"\n"), 1)
+            self.assertTrue(body.endswith(b"\n"))
+
+
+class EarlyStatusTests(TestCase):
+    """The decision function itself, in the contract's order."""
+
+    def setUp(self) -> None:
+        from twisted.web.http_headers import Headers
+
+        self.resource = EchoResource(TokenChecker(TOKEN), max_body=10)
+        self.good = Headers({b"token": [TOKEN.encode()]})
+        self.none = Headers()
+
+    def test_accepts(self) -> None:
+        self.assertIsNone(self.resource.early_status(b"POST", b"/echo", self.good, 10))
+
+    def test_order(self) -> None:
+        status = self.resource.early_status
+        self.assertEqual(status(b"POST", b"/x", self.none, 99), 404)
+        self.assertEqual(status(b"GET", b"/echo", self.none, 99), 405)
+        self.assertEqual(status(b"POST", b"/echo", self.none, 99), 401)
+        self.assertEqual(status(b"POST", b"/echo", self.good, 11), 413)
+        self.assertIsNone(status(b"POST", b"/echo", self.good, None))
