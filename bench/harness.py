@@ -9,11 +9,11 @@ with each peer's ratio to echotwist.  Standard library only.
 Every process it starts runs in a session of its own, is tracked by pid and is stopped
 (SIGTERM to its process group, then SIGKILL) when the run ends, however it ends.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import glob
 import http.client
 import json
 import os
@@ -47,6 +47,7 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- processes
 
+
 class Procs:
     """Every process the harness starts: own session, tracked by pid, stopped by pid."""
 
@@ -58,8 +59,16 @@ class Procs:
             _die_with_parent()
             if raise_nofile:
                 raise_nofile_limit(65536)
-        p = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                             start_new_session=True, preexec_fn=pre)
+
+        p = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=pre,
+        )
         self.live[p.pid] = p
         return p
 
@@ -93,6 +102,7 @@ def _die_with_parent() -> None:
     """In a child before exec: get SIGTERM if the harness dies, even by SIGKILL (Linux)."""
     try:
         import ctypes
+
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -129,10 +139,11 @@ def raise_nofile_limit(want: int):
 
 # --------------------------------------------------------------------------- /proc accounting
 
+
 def _stat_fields(pid: int):
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read().decode("ascii", "replace")
-    return data[data.rindex(")") + 2:].split()  # rest[0] is field 3 (state)
+    return data[data.rindex(")") + 2 :].split()  # rest[0] is field 3 (state)
 
 
 def session_pids(leader: int) -> list[int]:
@@ -216,6 +227,7 @@ class RssSampler(threading.Thread):
 
 # --------------------------------------------------------------------------- environment
 
+
 class Env:
     def __init__(self, args) -> None:
         self.args = args
@@ -240,10 +252,10 @@ class Env:
         cpus = self.server_cpus if role == "server" else self.load_cpus
         if cpus is None or not shutil.which("taskset"):
             return list(cmd)
-        return ["taskset", "-c", cpus] + list(cmd)
+        return ["taskset", "-c", cpus, *cmd]
 
     def bounded(self, cmd, seconds: float):
-        return ["timeout", "-k", "5", str(int(seconds))] + list(cmd)
+        return ["timeout", "-k", "5", str(int(seconds)), *cmd]
 
     def body_file(self, size: int) -> str:
         if size not in self.body_files:
@@ -280,12 +292,16 @@ class Env:
         if not os.access(exe, os.X_OK):
             return False
         try:
-            return subprocess.run([exe, "load", "--help"], capture_output=True, timeout=60).returncode == 0
+            return (
+                subprocess.run([exe, "load", "--help"], capture_output=True, timeout=60).returncode
+                == 0
+            )
         except (OSError, subprocess.TimeoutExpired):
             return False
 
 
 # --------------------------------------------------------------------------- servers
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -294,7 +310,11 @@ def free_port() -> int:
 
 
 def tls_ready(port: int, ca: str | None, timeout: float = 1.0) -> bool:
-    ctx = ssl.create_default_context(cafile=ca) if ca and os.path.exists(ca) else ssl._create_unverified_context()
+    ctx = (
+        ssl.create_default_context(cafile=ca)
+        if ca and os.path.exists(ca)
+        else ssl._create_unverified_context()  # noqa: S323 (readiness only, before certs exist)
+    )
     if ca and os.path.exists(ca):
         ctx.check_hostname = False  # the cert names 127.0.0.1; only the chain matters here
     try:
@@ -307,6 +327,7 @@ def tls_ready(port: int, ca: str | None, timeout: float = 1.0) -> bool:
 
 class Server:
     """One running server: name, port, Popen (session leader)."""
+
     name = "?"
     h2 = False
 
@@ -327,19 +348,27 @@ class Server:
         self.prepare()
         path = os.path.join(self.env.logdir, f"{self.name}{('-' + tag) if tag else ''}.log")
         self.logfile = open(path, "wb")
-        self.proc = self.env.procs.start(self.env.pin(self.command(), "server"), env=self.env.server_env(),
-                                         stdout=self.logfile, stderr=subprocess.STDOUT,
-                                         raise_nofile=raise_nofile)
+        self.proc = self.env.procs.start(
+            self.env.pin(self.command(), "server"),
+            env=self.env.server_env(),
+            stdout=self.logfile,
+            stderr=subprocess.STDOUT,
+            raise_nofile=raise_nofile,
+        )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} at start-up; see {path}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} at start-up; see {path}"
+                )
             if tls_ready(self.port, self.env.ca if os.path.exists(self.env.ca) else None):
                 return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"{self.name} did not accept TLS on {self.port} within {wait:.0f}s; see {path}")
+        raise RuntimeError(
+            f"{self.name} did not accept TLS on {self.port} within {wait:.0f}s; see {path}"
+        )
 
     @property
     def pid(self) -> int:
@@ -362,8 +391,18 @@ class Echotwist(Server):
     extra: list[str] = []
 
     def command(self):
-        cmd = [os.path.join(self.env.et_venv, "bin", "twistd"), "-n", "--pidfile=", "echo",
-               "--port", str(self.port), "--interface", HOST, "--cert-dir", self.env.certdir]
+        cmd = [
+            os.path.join(self.env.et_venv, "bin", "twistd"),
+            "-n",
+            "--pidfile=",
+            "echo",
+            "--port",
+            str(self.port),
+            "--interface",
+            HOST,
+            "--cert-dir",
+            self.env.certdir,
+        ]
         if self.env.et_has_max_body:
             cmd += ["--max-body", str(MAX_BODY)]
         return cmd + self.extra
@@ -378,9 +417,20 @@ class Aiohttp(Server):
     name = "aiohttp"
 
     def command(self):
-        cmd = [os.path.join(self.env.aio_venv, "bin", "python"), os.path.join(BENCH, "peers", "aiohttp_echo.py"),
-               "--host", HOST, "--port", str(self.port), "--cert", self.env.cert, "--key", self.env.key,
-               "--max-body", str(MAX_BODY)]
+        cmd = [
+            os.path.join(self.env.aio_venv, "bin", "python"),
+            os.path.join(BENCH, "peers", "aiohttp_echo.py"),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--cert",
+            self.env.cert,
+            "--key",
+            self.env.key,
+            "--max-body",
+            str(MAX_BODY),
+        ]
         if self.env.args.peer_logs:
             cmd += ["--access-log", os.path.join(self.env.logdir, "aiohttp-access.log")]
         return cmd
@@ -391,10 +441,12 @@ NGINX_MODULES = "/usr/lib/nginx/modules"
 
 def render(tmpl: str, **values: str) -> str:
     """Fill ${UPPER_CASE} placeholders; nginx's own $variables are left alone."""
+
     def sub(m):
         if m.group(1) not in values:
             raise KeyError(f"template placeholder {m.group(1)} has no value")
         return values[m.group(1)]
+
     return re.sub(r"\$\{([A-Z0-9_]+)\}", sub, tmpl)
 
 
@@ -414,38 +466,61 @@ class Nginx(Server):
         with open(os.path.join(BENCH, "peers", "nginx.conf.in")) as f:
             tmpl = f.read()
         new_h2 = nginx_version() >= (1, 25, 1)
-        have_more = os.path.exists(os.path.join(NGINX_MODULES, "ngx_http_headers_more_filter_module.so"))
-        conf = render(tmpl, 
+        have_more = os.path.exists(
+            os.path.join(NGINX_MODULES, "ngx_http_headers_more_filter_module.so")
+        )
+        conf = render(
+            tmpl,
             USER_LINE="user root;" if os.geteuid() == 0 else "",
             WORKERS=str(self.env.args.nginx_workers),
             PREFIX=self.prefix,
             MODULES=NGINX_MODULES,
-            HEADERS_MORE_LOAD=(f"load_module {NGINX_MODULES}/ngx_http_headers_more_filter_module.so;"
-                               if have_more else "# headers-more module not installed"),
-            ACCESS_LOG=(f"access_log {self.prefix}/access.log combined buffer=64k flush=1s;"
-                        if self.env.args.peer_logs else "access_log off;"),
+            HEADERS_MORE_LOAD=(
+                f"load_module {NGINX_MODULES}/ngx_http_headers_more_filter_module.so;"
+                if have_more
+                else "# headers-more module not installed"
+            ),
+            ACCESS_LOG=(
+                f"access_log {self.prefix}/access.log combined buffer=64k flush=1s;"
+                if self.env.args.peer_logs
+                else "access_log off;"
+            ),
             TOKEN=self.env.token,
             PORT=str(self.port),
             LISTEN_H2="" if new_h2 else "http2",
             HTTP2_ON="http2 on;" if new_h2 else "",
-            CERT=self.env.cert, KEY=self.env.key,
+            CERT=self.env.cert,
+            KEY=self.env.key,
             MAX_BODY=str(MAX_BODY),
-            CTYPE_DIRECTIVE=('more_set_headers -s 200 "Content-Type: $echo_ctype";' if have_more
-                             else "# no headers-more: Content-Type is default_type"),
+            CTYPE_DIRECTIVE=(
+                'more_set_headers -s 200 "Content-Type: $echo_ctype";'
+                if have_more
+                else "# no headers-more: Content-Type is default_type"
+            ),
         )
         self.conf = os.path.join(self.prefix, "nginx.conf")
         with open(self.conf, "w") as f:
             f.write(conf)
 
     def command(self):
-        return ["/usr/sbin/nginx", "-p", self.prefix + "/", "-e", os.path.join(self.prefix, "error.log"),
-                "-c", self.conf, "-g", "daemon off; master_process on;"]
+        return [
+            "/usr/sbin/nginx",
+            "-p",
+            self.prefix + "/",
+            "-e",
+            os.path.join(self.prefix, "error.log"),
+            "-c",
+            self.conf,
+            "-g",
+            "daemon off; master_process on;",
+        ]
 
 
 SERVERS = {"echotwist": Echotwist, "echotwist-w2": EchotwistW2, "aiohttp": Aiohttp, "nginx": Nginx}
 
 
 # --------------------------------------------------------------------------- certificates
+
 
 def ensure_certs(env: Env) -> str:
     """The one certificate every server uses: echotwist's own development CA and server
@@ -471,16 +546,69 @@ def ensure_certs(env: Env) -> str:
     if not all(os.path.exists(f) for f in files):
         log("echotwist not installed: making a stand-in CA and certificate with openssl (EC P-256)")
         d = env.certdir
-        run = lambda *c: subprocess.run(c, check=True, capture_output=True, cwd=d)
-        run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.pem", "-days", "30", "-subj", "/CN=echotwist bench CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-        run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+
+        def run(*c: str) -> None:
+            subprocess.run(c, check=True, capture_output=True, cwd=d)
+
+        run(
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=echotwist bench CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
+        run(
+            "openssl",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        )
         with open(os.path.join(d, "ext.cnf"), "w") as f:
-            f.write("subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nextendedKeyUsage=serverAuth\n")
-        run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "30", "-extfile", "ext.cnf")
+            f.write(
+                "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nextendedKeyUsage=serverAuth\n"
+            )
+        run(
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "ext.cnf",
+        )
         os.chmod(os.path.join(d, "server.key"), 0o600)
         open(marker, "w").close()
     return "openssl stand-in"
@@ -488,8 +616,12 @@ def ensure_certs(env: Env) -> str:
 
 def cert_summary(path: str) -> str:
     try:
-        out = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", path], capture_output=True,
-                             text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["openssl", "x509", "-noout", "-text", "-in", path],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     alg = re.search(r"Public Key Algorithm: (\S+)", out)
@@ -498,6 +630,7 @@ def cert_summary(path: str) -> str:
 
 
 # --------------------------------------------------------------------------- contract check
+
 
 def contract_check(env: Env, srv: Server) -> list[str]:
     """A few requests that every server must answer like echotwist; returns the problems."""
@@ -518,7 +651,9 @@ def contract_check(env: Env, srv: Server) -> list[str]:
     try:
         st, ct, body = req({"Token": env.token, "Content-Type": "application/x-bench"}, payload)
         if st != 200 or body != payload:
-            problems.append(f"Token header: status {st}, body {'equal' if body == payload else 'differs'}")
+            problems.append(
+                f"Token header: status {st}, body {'equal' if body == payload else 'differs'}"
+            )
         if ct != "application/x-bench":
             problems.append(f"Content-Type echoed as {ct!r}")
         st, _, body = req({"Authorization": f"Bearer {env.token}"}, b"x" * 70000)
@@ -537,6 +672,7 @@ def contract_check(env: Env, srv: Server) -> list[str]:
 
 # --------------------------------------------------------------------------- load generators
 
+
 def _run_tool(env: Env, cmd, seconds: float, extra_env=None) -> tuple[int, str, str]:
     e = dict(os.environ)
     e.update(extra_env or {})
@@ -552,10 +688,26 @@ def _run_tool(env: Env, cmd, seconds: float, extra_env=None) -> tuple[int, str, 
 
 
 def run_wrk(env: Env, srv: Server, sc: dict, duration: float) -> dict:
-    cmd = ["wrk", "-t", "1", "-c", str(sc["conns"]), "-d", f"{duration:g}s", "--timeout", "20s",
-           "-s", os.path.join(BENCH, "post.lua"), srv.url()]
-    rc, out, err = _run_tool(env, cmd, duration + 30, {"BENCH_TOKEN": env.token,
-                                                        "BENCH_BODY_FILE": env.body_file(sc["size"])})
+    cmd = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(sc["conns"]),
+        "-d",
+        f"{duration:g}s",
+        "--timeout",
+        "20s",
+        "-s",
+        os.path.join(BENCH, "post.lua"),
+        srv.url(),
+    ]
+    rc, out, err = _run_tool(
+        env,
+        cmd,
+        duration + 30,
+        {"BENCH_TOKEN": env.token, "BENCH_BODY_FILE": env.body_file(sc["size"])},
+    )
     m = re.search(r"^BENCHJSON (\{.*\})$", out, re.M)
     if not m:
         return {"error": f"wrk rc={rc}: {(err or out).strip()[-300:]}"}
@@ -563,20 +715,44 @@ def run_wrk(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     secs = j["duration_us"] / 1e6
     errors = j["err_connect"] + j["err_read"] + j["err_write"] + j["err_timeout"]
     ok = j["requests"] - j["err_status"]
-    return {"ok": ok, "non2xx": j["err_status"], "errors": errors, "seconds": secs,
-            "recv_mib_s": round(j["bytes"] / MIB / secs, 1) if secs else None,
-            "lat_p50_ms": j["lat_p50_us"] / 1000, "lat_p99_ms": j["lat_p99_us"] / 1000, "tool": "wrk"}
+    return {
+        "ok": ok,
+        "non2xx": j["err_status"],
+        "errors": errors,
+        "seconds": secs,
+        "recv_mib_s": round(j["bytes"] / MIB / secs, 1) if secs else None,
+        "lat_p50_ms": j["lat_p50_us"] / 1000,
+        "lat_p99_ms": j["lat_p99_us"] / 1000,
+        "tool": "wrk",
+    }
 
 
 def run_ab(env: Env, srv: Server, sc: dict, duration: float) -> dict:
-    cmd = ["ab", "-q", "-t", f"{max(1, round(duration))}", "-n", "10000000", "-c", str(sc["conns"]), "-s", "20",
-           "-p", env.body_file(sc["size"]), "-T", "application/octet-stream", "-H", f"Token: {env.token}",
-           srv.url()]
+    cmd = [
+        "ab",
+        "-q",
+        "-t",
+        f"{max(1, round(duration))}",
+        "-n",
+        "10000000",
+        "-c",
+        str(sc["conns"]),
+        "-s",
+        "20",
+        "-p",
+        env.body_file(sc["size"]),
+        "-T",
+        "application/octet-stream",
+        "-H",
+        f"Token: {env.token}",
+        srv.url(),
+    ]
     rc, out, err = _run_tool(env, cmd, duration + 30)
 
     def num(pat, default=None):
         m = re.search(pat, out, re.M)
         return float(m.group(1)) if m else default
+
     complete = num(r"^Complete requests:\s+(\d+)")
     secs = num(r"^Time taken for tests:\s+([\d.]+)")
     if complete is None or not secs:
@@ -586,19 +762,45 @@ def run_ab(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     p50 = num(r"^\s+50%\s+(\d+)")
     p99 = num(r"^\s+99%\s+(\d+)")
     tls = re.search(r"^SSL/TLS Protocol:\s+(\S+)", out, re.M)
-    return {"ok": int(complete - non2xx), "non2xx": int(non2xx), "errors": int(failed), "seconds": secs,
-            "lat_p50_ms": p50, "lat_p99_ms": p99, "tool": "ab", "tls": tls.group(1) if tls else None}
+    return {
+        "ok": int(complete - non2xx),
+        "non2xx": int(non2xx),
+        "errors": int(failed),
+        "seconds": secs,
+        "lat_p50_ms": p50,
+        "lat_p99_ms": p99,
+        "tool": "ab",
+        "tls": tls.group(1) if tls else None,
+    }
 
 
 def run_h2load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
-    cmd = ["h2load", "-t", "1", "-c", str(sc["conns"]), "-m", str(sc["streams"]), "-D", f"{max(1, round(duration))}",
-           "-d", env.body_file(sc["size"]), "-H", f"token: {env.token}",
-           "-H", "content-type: application/octet-stream", srv.url()]
+    cmd = [
+        "h2load",
+        "-t",
+        "1",
+        "-c",
+        str(sc["conns"]),
+        "-m",
+        str(sc["streams"]),
+        "-D",
+        f"{max(1, round(duration))}",
+        "-d",
+        env.body_file(sc["size"]),
+        "-H",
+        f"token: {env.token}",
+        "-H",
+        "content-type: application/octet-stream",
+        srv.url(),
+    ]
     rc, out, err = _run_tool(env, cmd, duration + 30)
     proto = re.search(r"Application protocol: (\S+)", out)
     fin = re.search(r"finished in ([\d.]+)(m?s)", out)
-    reqs = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                     r"(\d+) errored, (\d+) timeout", out)
+    reqs = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+    )
     codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     if not (fin and reqs and codes):
         return {"error": f"h2load rc={rc}: {(err or out).strip()[-300:]}"}
@@ -607,15 +809,32 @@ def run_h2load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     secs = float(fin.group(1)) / (1000 if fin.group(2) == "ms" else 1)
     ok = int(codes.group(1))
     failed = int(reqs.group(5)) + int(reqs.group(6)) + int(reqs.group(7))
-    return {"ok": ok, "non2xx": int(codes.group(3)) + int(codes.group(4)) + int(codes.group(2)), "errors": failed,
-            "seconds": secs, "tool": "h2load"}
+    return {
+        "ok": ok,
+        "non2xx": int(codes.group(3)) + int(codes.group(4)) + int(codes.group(2)),
+        "errors": failed,
+        "seconds": secs,
+        "tool": "h2load",
+    }
 
 
 def run_client_load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     client = os.path.join(env.et_venv, "bin", "echotwist-client")
-    cmd = [client, "load", "--host", f"https://{HOST}:{srv.port}", "--cacert", env.ca,
-           "--clients", str(sc["conns"]), "--duration", f"{max(1, round(duration))}", "--size", str(sc["size"]),
-           "--json"]
+    cmd = [
+        client,
+        "load",
+        "--host",
+        f"https://{HOST}:{srv.port}",
+        "--cacert",
+        env.ca,
+        "--clients",
+        str(sc["conns"]),
+        "--duration",
+        f"{max(1, round(duration))}",
+        "--size",
+        str(sc["size"]),
+        "--json",
+    ]
     rc, out, err = _run_tool(env, cmd, duration + 60, {"ECHOTWIST_TOKEN": env.token})
     j = None
     for line in reversed(out.strip().splitlines()):
@@ -629,29 +848,73 @@ def run_client_load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     failed = j.get("failed") or {}
     nfail = sum(failed.values()) if isinstance(failed, dict) else int(failed or 0)
     lat = j.get("latency_ms") or {}
-    return {"ok": int(j.get("verified", 0)), "non2xx": 0, "errors": nfail + int(j.get("mismatched", 0)),
-            "seconds": float(j.get("elapsed_s") or duration), "lat_p50_ms": lat.get("p50"),
-            "lat_p99_ms": lat.get("p99"), "tool": "echotwist-client load", "client_rps": j.get("rps")}
+    return {
+        "ok": int(j.get("verified", 0)),
+        "non2xx": 0,
+        "errors": nfail + int(j.get("mismatched", 0)),
+        "seconds": float(j.get("elapsed_s") or duration),
+        "lat_p50_ms": lat.get("p50"),
+        "lat_p99_ms": lat.get("p99"),
+        "tool": "echotwist-client load",
+        "client_rps": j.get("rps"),
+    }
 
 
 # --------------------------------------------------------------------------- scenarios
 
 SCENARIOS = {
     # name: what it measures (README explains each)
-    "keepalive-64B": dict(title="keep-alive, 64 B POST, 50 connections (wrk)", runner=run_wrk, conns=50,
-                          size=64, unit="req/s"),
-    "newconn-64B": dict(title="new TLS connection per request, 16 concurrent (ab)", runner=run_ab, conns=16,
-                        size=64, unit="req/s"),
-    "body-1MiB": dict(title="1 MiB bodies, 8 connections (wrk)", runner=run_wrk, conns=8, size=MIB,
-                      unit="MiB/s"),
-    "body-16MiB": dict(title="16 MiB bodies, 8 connections (wrk)", runner=run_wrk, conns=8, size=16 * MIB,
-                       unit="MiB/s", min_duration=10.0),  # 8 x 16 MiB in flight: a short run may see no reply
-    "h2-64B": dict(title="HTTP/2, 64 B, 50 conns x 10 streams (h2load)", runner=run_h2load, conns=50,
-                   streams=10, size=64, unit="req/s", needs_h2=True),
-    "client-load-64B": dict(title="echotwist-client load, 64 B, 50 clients", runner=run_client_load,
-                            conns=50, size=64, unit="req/s", needs_client=True),
+    "keepalive-64B": dict(
+        title="keep-alive, 64 B POST, 50 connections (wrk)",
+        runner=run_wrk,
+        conns=50,
+        size=64,
+        unit="req/s",
+    ),
+    "newconn-64B": dict(
+        title="new TLS connection per request, 16 concurrent (ab)",
+        runner=run_ab,
+        conns=16,
+        size=64,
+        unit="req/s",
+    ),
+    "body-1MiB": dict(
+        title="1 MiB bodies, 8 connections (wrk)", runner=run_wrk, conns=8, size=MIB, unit="MiB/s"
+    ),
+    "body-16MiB": dict(
+        title="16 MiB bodies, 8 connections (wrk)",
+        runner=run_wrk,
+        conns=8,
+        size=16 * MIB,
+        unit="MiB/s",
+        min_duration=10.0,
+    ),  # 8 x 16 MiB in flight: a short run may see no reply
+    "h2-64B": dict(
+        title="HTTP/2, 64 B, 50 conns x 10 streams (h2load)",
+        runner=run_h2load,
+        conns=50,
+        streams=10,
+        size=64,
+        unit="req/s",
+        needs_h2=True,
+    ),
+    "client-load-64B": dict(
+        title="echotwist-client load, 64 B, 50 clients",
+        runner=run_client_load,
+        conns=50,
+        size=64,
+        unit="req/s",
+        needs_client=True,
+    ),
 }
-DEFAULT_SCENARIOS = ["keepalive-64B", "newconn-64B", "body-1MiB", "body-16MiB", "h2-64B", "client-load-64B"]
+DEFAULT_SCENARIOS = [
+    "keepalive-64B",
+    "newconn-64B",
+    "body-1MiB",
+    "body-16MiB",
+    "h2-64B",
+    "client-load-64B",
+]
 
 
 def one_run(env: Env, server_cls, sc_name: str, rnd: int) -> dict:
@@ -686,8 +949,11 @@ def one_run(env: Env, server_cls, sc_name: str, rnd: int) -> dict:
             rec["rps"] = round(rate, 1)
             rec["rate"] = round(rate * sc["size"] / MIB, 1) if sc["unit"] == "MiB/s" else rec["rps"]
             cpu = rec["server_cpu_s"]
-            rec["per_cpu_s"] = round(res["ok"] * (sc["size"] / MIB if sc["unit"] == "MiB/s" else 1) / cpu, 1) \
-                if cpu > 0 else None
+            rec["per_cpu_s"] = (
+                round(res["ok"] * (sc["size"] / MIB if sc["unit"] == "MiB/s" else 1) / cpu, 1)
+                if cpu > 0
+                else None
+            )
             rec["cpu_util"] = round(cpu / res["seconds"], 2)
             if res["ok"] == 0:
                 rec["error"] = (rec.get("error", "") + " no successful request").strip()
@@ -700,14 +966,27 @@ def one_run(env: Env, server_cls, sc_name: str, rnd: int) -> dict:
 
 # --------------------------------------------------------------------------- idle connections
 
+
 def run_idle(env: Env, server_cls) -> dict:
     rec = {"server": server_cls.name, "conns_wanted": env.args.idle_conns}
     srv = server_cls(env)
     try:
         srv.start("idle")
-        cmd = [sys.executable, os.path.join(BENCH, "idle_conns.py"), "--port", str(srv.port),
-               "--server-pid", str(srv.pid), "--cacert", env.ca, "--conns", str(env.args.idle_conns),
-               "--max-seconds", str(env.args.idle_seconds), "--json"]
+        cmd = [
+            sys.executable,
+            os.path.join(BENCH, "idle_conns.py"),
+            "--port",
+            str(srv.port),
+            "--server-pid",
+            str(srv.pid),
+            "--cacert",
+            env.ca,
+            "--conns",
+            str(env.args.idle_conns),
+            "--max-seconds",
+            str(env.args.idle_seconds),
+            "--json",
+        ]
         rc, out, err = _run_tool(env, cmd, env.args.idle_seconds + 30)
         try:
             rec.update(json.loads(out.strip().splitlines()[-1]))
@@ -723,6 +1002,7 @@ def run_idle(env: Env, server_cls) -> dict:
 
 
 # --------------------------------------------------------------------------- report
+
 
 def med(xs):
     xs = [x for x in xs if isinstance(x, (int, float))]
@@ -747,7 +1027,8 @@ def summarize(runs: list[dict], servers: list[str], scenarios: list[str]) -> dic
             if not rs:
                 continue
             summary[sc][s] = {
-                "runs": len(rs), "good_runs": len(good),
+                "runs": len(rs),
+                "good_runs": len(good),
                 "rate": med([r["rate"] for r in good]),
                 "server_cpu_s": med([r["server_cpu_s"] for r in good]),
                 "per_cpu_s": med([r.get("per_cpu_s") for r in good]),
@@ -764,9 +1045,11 @@ def summarize(runs: list[dict], servers: list[str], scenarios: list[str]) -> dic
 
 
 def table(summary: dict, servers: list[str], scenarios: list[str], base: str = "echotwist") -> str:
-    lines = ["| scenario | server | rate | x echotwist | server CPU-s | per server CPU-s | x echotwist "
-             "| server CPU use | load CPU-s | other CPU-s | peak RSS MiB | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| scenario | server | rate | x echotwist | server CPU-s | per server CPU-s | x echotwist "
+        "| server CPU use | load CPU-s | other CPU-s | peak RSS MiB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for sc in scenarios:
         unit = SCENARIOS[sc]["unit"]
         b = summary.get(sc, {}).get(base, {})
@@ -775,18 +1058,26 @@ def table(summary: dict, servers: list[str], scenarios: list[str], base: str = "
             if v is None:
                 continue
             if v["rate"] is None:
-                why = " ".join("; ".join(v["failures"]).split())[:80].replace("|", "/") or "no result"
+                why = (
+                    " ".join("; ".join(v["failures"]).split())[:80].replace("|", "/") or "no result"
+                )
                 lines.append(f"| {sc} | {s} | n/a | | | | | | | | | {why} |")
                 continue
             r1 = (v["rate"] / b["rate"]) if b.get("rate") and s != base else None
-            r2 = (v["per_cpu_s"] / b["per_cpu_s"]) if b.get("per_cpu_s") and v["per_cpu_s"] and s != base else None
+            r2 = (
+                (v["per_cpu_s"] / b["per_cpu_s"])
+                if b.get("per_cpu_s") and v["per_cpu_s"] and s != base
+                else None
+            )
             per_unit = "req" if unit == "req/s" else "MiB"
             lines.append(
                 f"| {sc} | {s} | {fmt(v['rate'])} {unit} | {fmt(r1, 2) + 'x' if r1 else ''} | "
-                f"{fmt(v['server_cpu_s'], 2)} | {fmt(v['per_cpu_s'])} {per_unit} | {fmt(r2, 2) + 'x' if r2 else ''} | "
+                f"{fmt(v['server_cpu_s'], 2)} | {fmt(v['per_cpu_s'])} {per_unit} | "
+                f"{fmt(r2, 2) + 'x' if r2 else ''} | "
                 f"{fmt(v['cpu_util'] * 100 if v['cpu_util'] is not None else None, 0)}% | "
                 f"{fmt(v['load_cpu_s'], 2)} | {fmt(v['other_cpu_s'], 2)} | "
-                f"{fmt(v['peak_rss_mib'])} | {v['errors']} |")
+                f"{fmt(v['peak_rss_mib'])} | {v['errors']} |"
+            )
     return "\n".join(lines)
 
 
@@ -800,52 +1091,100 @@ def client_vs_wrk(summary: dict, servers: list[str]) -> str:
             rows.append(f"| {s} | {fmt(w)} req/s | {fmt(c)} req/s | {c / w:.2f}x |")
     if not rows:
         return ""
-    return "\n".join(["| server | wrk keepalive-64B | echotwist-client load | load / wrk |", "|---|---:|---:|---:|"]
-                     + rows)
+    head = [
+        "| server | wrk keepalive-64B | echotwist-client load | load / wrk |",
+        "|---|---:|---:|---:|",
+    ]
+    return "\n".join(head + rows)
 
 
 def idle_table(idle: list[dict]) -> str:
-    lines = ["| server | idle TLS conns held | RSS before MiB | RSS after MiB | KiB per connection | seconds |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| server | idle TLS conns held | RSS before MiB | RSS after MiB | KiB per connection "
+        "| seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in idle:
         if r.get("error") and "per_conn_kib" not in r:
             lines.append(f"| {r['server']} | n/a | | | | {' '.join(r['error'].split())[:80]} |")
             continue
-        lines.append(f"| {r['server']} | {r.get('opened')} | {fmt(r.get('rss_before_kib', 0) / 1024)} | "
-                     f"{fmt(r.get('rss_after_kib', 0) / 1024)} | {fmt(r.get('per_conn_kib'))} | "
-                     f"{fmt(r.get('seconds'))} |")
+        lines.append(
+            f"| {r['server']} | {r.get('opened')} | {fmt(r.get('rss_before_kib', 0) / 1024)} | "
+            f"{fmt(r.get('rss_after_kib', 0) / 1024)} | {fmt(r.get('per_conn_kib'))} | "
+            f"{fmt(r.get('seconds'))} |"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
 
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench/run", description="echotwist vs aiohttp vs nginx, side by side")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 round, 2 s per run, no warm-up, 2000 idle connections (explicit options win)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds; servers interleaved within each (default 3)")
-    p.add_argument("--duration", type=float, default=None, help="seconds of load per measured run (default 5; "
-                   "16 MiB bodies at least 10)")
-    p.add_argument("--warmup", type=float, default=None, help="seconds of unmeasured load first (default 1)")
-    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
-                   help=f"comma list of {', '.join(SCENARIOS)} (default: all)")
-    p.add_argument("--servers", default="echotwist,aiohttp,nginx",
-                   help=f"comma list of {', '.join(SERVERS)} (default echotwist,aiohttp,nginx)")
-    p.add_argument("--idle", action="store_true", help="also hold idle TLS connections (bench/idle_conns.py)")
+    p = argparse.ArgumentParser(
+        prog="bench/run", description="echotwist vs aiohttp vs nginx, side by side"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 round, 2 s per run, no warm-up, 2000 idle connections "
+        "(explicit options win)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds; servers interleaved within each (default 3)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of load per measured run (default 5; 16 MiB bodies at least 10)",
+    )
+    p.add_argument(
+        "--warmup", type=float, default=None, help="seconds of unmeasured load first (default 1)"
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma list of {', '.join(SCENARIOS)} (default: all)",
+    )
+    p.add_argument(
+        "--servers",
+        default="echotwist,aiohttp,nginx",
+        help=f"comma list of {', '.join(SERVERS)} (default echotwist,aiohttp,nginx)",
+    )
+    p.add_argument(
+        "--idle", action="store_true", help="also hold idle TLS connections (bench/idle_conns.py)"
+    )
     p.add_argument("--idle-only", action="store_true", help="only the idle-connections measurement")
-    p.add_argument("--idle-conns", type=int, default=None, help="idle connections to hold (default 10000)")
+    p.add_argument(
+        "--idle-conns", type=int, default=None, help="idle connections to hold (default 10000)"
+    )
     p.add_argument("--idle-seconds", type=float, default=180.0, help="time bound of one idle run")
     p.add_argument("--idle-servers", default="echotwist,aiohttp,nginx")
-    p.add_argument("--nginx-workers", type=int, default=1, help="nginx worker_processes (default 1: one core)")
-    p.add_argument("--no-peer-logs", dest="peer_logs", action="store_false",
-                   help="peers write no access log (default: they log one line per request, like echotwist)")
+    p.add_argument(
+        "--nginx-workers", type=int, default=1, help="nginx worker_processes (default 1: one core)"
+    )
+    p.add_argument(
+        "--no-peer-logs",
+        dest="peer_logs",
+        action="store_false",
+        help="peers write no access log (default: they log one line per request, like echotwist)",
+    )
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for servers (default 0)")
-    p.add_argument("--load-cpus", default="1", help="taskset CPU list for load generators (default 1)")
+    p.add_argument(
+        "--load-cpus", default="1", help="taskset CPU list for load generators (default 1)"
+    )
     p.add_argument("--no-pin", action="store_true", help="no taskset")
     p.add_argument("--label", default="", help="a word added to the result file names")
     a = p.parse_args(argv)
-    for name, normal, quick in (("rounds", 3, 1), ("duration", 5.0, 2.0), ("warmup", 1.0, 0.0),
-                                ("idle_conns", 10000, 2000)):
+    for name, normal, quick in (
+        ("rounds", 3, 1),
+        ("duration", 5.0, 2.0),
+        ("warmup", 1.0, 0.0),
+        ("idle_conns", 10000, 2000),
+    ):
         if getattr(a, name) is None:
             setattr(a, name, quick if a.quick else normal)
     a.duration = max(1.0, min(a.duration, 120.0))  # every run bounded
@@ -855,8 +1194,12 @@ def parse_args(argv=None):
 
 def git_rev() -> str:
     try:
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "?"
 
@@ -892,27 +1235,46 @@ def _main(env: Env, args, stamp: str) -> int:
     if not have_et:
         dropped = [s for s in servers if s.startswith("echotwist")]
         if dropped:
-            log(f"echotwist is not installed in {env.et_venv}: running without {', '.join(dropped)}")
+            log(
+                f"echotwist is not installed in {env.et_venv}: running without {', '.join(dropped)}"
+            )
         servers = [s for s in servers if not s.startswith("echotwist")]
     env.et_has_max_body = False
     if have_et:
-        h = subprocess.run([os.path.join(env.et_venv, "bin", "twistd"), "echo", "--help"], capture_output=True,
-                           text=True, timeout=60)
+        h = subprocess.run(
+            [os.path.join(env.et_venv, "bin", "twistd"), "echo", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         env.et_has_max_body = "--max-body" in h.stdout
     if "client-load-64B" in scenarios and not env.client_available():
         log("echotwist-client is not installed: skipping client-load-64B")
         scenarios.remove("client-load-64B")
     cert_origin = ensure_certs(env)
     meta = {
-        "started": stamp, "git": git_rev(), "nproc": os.cpu_count(), "server_cpus": env.server_cpus,
-        "load_cpus": env.load_cpus, "rounds": args.rounds, "duration_s": args.duration, "warmup_s": args.warmup,
-        "servers": servers, "scenarios": scenarios, "cert": cert_summary(env.cert), "cert_origin": cert_origin,
-        "peer_access_logs": args.peer_logs, "nginx_workers": args.nginx_workers,
+        "started": stamp,
+        "git": git_rev(),
+        "nproc": os.cpu_count(),
+        "server_cpus": env.server_cpus,
+        "load_cpus": env.load_cpus,
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "servers": servers,
+        "scenarios": scenarios,
+        "cert": cert_summary(env.cert),
+        "cert_origin": cert_origin,
+        "peer_access_logs": args.peer_logs,
+        "nginx_workers": args.nginx_workers,
         "echotwist_venv": env.et_venv if have_et else None,
         "load": os.getloadavg(),
     }
-    log(f"servers {servers}; scenarios {scenarios}; {args.rounds} round(s) x {args.duration:g}s; "
-        f"cert {meta['cert']} ({cert_origin}); pinning servers={env.server_cpus} load={env.load_cpus}")
+    log(
+        f"servers {servers}; scenarios {scenarios}; {args.rounds} round(s) x {args.duration:g}s; "
+        f"cert {meta['cert']} ({cert_origin}); "
+        f"pinning servers={env.server_cpus} load={env.load_cpus}"
+    )
 
     # contract sanity check: a server that does not echo is not benchmarked
     checked = []
@@ -949,24 +1311,38 @@ def _main(env: Env, args, stamp: str) -> int:
     if not args.idle_only:
         for sc in scenarios:
             for rnd in range(args.rounds):
-                order = servers[rnd % len(servers):] + servers[:rnd % len(servers)] if servers else []
+                order = (
+                    servers[rnd % len(servers) :] + servers[: rnd % len(servers)] if servers else []
+                )
                 for s in order:
                     if SCENARIOS[sc].get("needs_h2") and not SERVERS[s].h2:
                         if rnd == 0:
-                            runs.append({"scenario": sc, "server": s, "round": rnd,
-                                         "error": "no HTTP/2 in this server"})
+                            runs.append(
+                                {
+                                    "scenario": sc,
+                                    "server": s,
+                                    "round": rnd,
+                                    "error": "no HTTP/2 in this server",
+                                }
+                            )
                         continue
                     rec = one_run(env, SERVERS[s], sc, rnd)
                     runs.append(rec)
                     if rec.get("other_cpu_s", 0) > 0.5 * rec.get("wall_s", 1e9):
-                        log(f"{sc} r{rnd} {s}: noisy run: other processes used {rec['other_cpu_s']} CPU-s "
-                            f"in {rec['wall_s']} s")
+                        log(
+                            f"{sc} r{rnd} {s}: noisy run: other processes used "
+                            f"{rec['other_cpu_s']} CPU-s "
+                            f"in {rec['wall_s']} s"
+                        )
                     if rec.get("error"):
                         log(f"{sc} r{rnd} {s}: ERROR {rec['error']}")
                     else:
-                        log(f"{sc} r{rnd} {s}: {rec['rate']} {SCENARIOS[sc]['unit']}, cpu {rec['server_cpu_s']}s, "
+                        log(
+                            f"{sc} r{rnd} {s}: {rec['rate']} {SCENARIOS[sc]['unit']}, "
+                            f"cpu {rec['server_cpu_s']}s, "
                             f"{rec['per_cpu_s']}/cpu-s, rss {rec['peak_rss_mib']} MiB, "
-                            f"err {rec.get('errors', 0)}+{rec.get('non2xx', 0)}")
+                            f"err {rec.get('errors', 0)}+{rec.get('non2xx', 0)}"
+                        )
                     save()
     if args.idle or args.idle_only:
         for s in [x.strip() for x in args.idle_servers.split(",") if x.strip() in servers]:
@@ -977,14 +1353,27 @@ def _main(env: Env, args, stamp: str) -> int:
             save()
 
     summary = save()
-    md = [f"## bench {stamp} (git {meta['git']}, {args.rounds} round(s) x {args.duration:g} s, "
-          f"servers on CPU {env.server_cpus}, load on CPU {env.load_cpus}, cert {meta['cert']})", ""]
+    md = [
+        f"## bench {stamp} (git {meta['git']}, {args.rounds} round(s) x {args.duration:g} s, "
+        f"servers on CPU {env.server_cpus}, load on CPU {env.load_cpus}, cert {meta['cert']})",
+        "",
+    ]
     if not args.idle_only:
-        md += ["Medians over the rounds. `x echotwist` = peer / echotwist (above 1: the peer is ahead).", "",
-               table(summary, servers, scenarios), ""]
+        md += [
+            "Medians over the rounds. `x echotwist` = peer / echotwist "
+            "(above 1: the peer is ahead).",
+            "",
+            table(summary, servers, scenarios),
+            "",
+        ]
     cmp = client_vs_wrk(summary, servers)
     if cmp:
-        md += ["`echotwist-client load` against wrk, same server, same 50-way concurrency, same run:", "", cmp, ""]
+        md += [
+            "`echotwist-client load` against wrk, same server, same 50-way concurrency, same run:",
+            "",
+            cmp,
+            "",
+        ]
     if idle:
         md += ["Idle TLS connections held by one server process:", "", idle_table(idle), ""]
     text = "\n".join(md)

@@ -12,6 +12,7 @@ for the run and restored afterwards.  The whole run is bounded by --max-seconds:
 open by then are not waited for.  Standard library only.  The server needs a file-descriptor limit
 above N too (bench/run starts its servers with 65536).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def _children(pid: int) -> list[int]:
         try:
             with open(f"/proc/{d}/stat", "rb") as f:
                 data = f.read().decode("ascii", "replace")
-            if int(data[data.rindex(")") + 2:].split()[1]) == pid:
+            if int(data[data.rindex(")") + 2 :].split()[1]) == pid:
                 kids.append(int(d))
         except (OSError, ValueError):
             continue
@@ -60,8 +61,16 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-async def hold(host: str, port: int, pid: int, n: int, ctx: ssl.SSLContext, deadline: float,
-               parallel: int, settle: float) -> dict:
+async def hold(
+    host: str,
+    port: int,
+    pid: int,
+    n: int,
+    ctx: ssl.SSLContext,
+    deadline: float,
+    parallel: int,
+    settle: float,
+) -> dict:
     loop = asyncio.get_running_loop()
     writers: list[asyncio.StreamWriter] = []
     failures: dict[str, int] = {}
@@ -75,8 +84,15 @@ async def hold(host: str, port: int, pid: int, n: int, ctx: ssl.SSLContext, dead
                 return
             try:
                 _, w = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if ctx.check_hostname else None,
-                                            ssl_handshake_timeout=min(30.0, left)), timeout=min(30.0, left))
+                    asyncio.open_connection(
+                        host,
+                        port,
+                        ssl=ctx,
+                        server_hostname=host if ctx.check_hostname else None,
+                        ssl_handshake_timeout=min(30.0, left),
+                    ),
+                    timeout=min(30.0, left),
+                )
                 writers.append(w)
             except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
                 k = type(e).__name__
@@ -91,8 +107,13 @@ async def hold(host: str, port: int, pid: int, n: int, ctx: ssl.SSLContext, dead
     for w in writers:
         w.close()
     await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
-    return {"opened": len(writers), "held": held, "failures": failures, "open_seconds": round(t_open, 2),
-            "rss_after_kib": rss_after}
+    return {
+        "opened": len(writers),
+        "held": held,
+        "failures": failures,
+        "open_seconds": round(t_open, 2),
+        "rss_after_kib": rss_after,
+    }
 
 
 def main(argv=None) -> int:
@@ -101,10 +122,18 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--server-pid", type=int, required=True, help="the server's (parent) process id")
     p.add_argument("--conns", type=int, default=10000)
-    p.add_argument("--cacert", default=None, help="CA to verify the server with (default: no verification)")
-    p.add_argument("--parallel", type=int, default=32, help="handshakes in flight at once (default 32)")
-    p.add_argument("--max-seconds", type=float, default=180.0, help="bound on the whole run (default 180)")
-    p.add_argument("--hold", type=float, default=3.0, help="seconds to wait once all are open (default 3)")
+    p.add_argument(
+        "--cacert", default=None, help="CA to verify the server with (default: no verification)"
+    )
+    p.add_argument(
+        "--parallel", type=int, default=32, help="handshakes in flight at once (default 32)"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=180.0, help="bound on the whole run (default 180)"
+    )
+    p.add_argument(
+        "--hold", type=float, default=3.0, help="seconds to wait once all are open (default 3)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if not ipaddress.ip_address(a.host).is_loopback:
@@ -116,7 +145,7 @@ def main(argv=None) -> int:
         ctx = ssl.create_default_context(cafile=a.cacert)
         ctx.check_hostname = False  # chain verified; the certificate names 127.0.0.1 anyway
     else:
-        ctx = ssl._create_unverified_context()
+        ctx = ssl._create_unverified_context()  # noqa: S323 (asked for: no --cacert)
     ctx.set_alpn_protocols(["http/1.1"])
 
     old = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -133,8 +162,11 @@ def main(argv=None) -> int:
         try:
             deadline = loop.time() + max(1.0, a.max_seconds - a.hold - 5)
             res = loop.run_until_complete(
-                asyncio.wait_for(hold(a.host, a.port, a.server_pid, a.conns, ctx, deadline, a.parallel, a.hold),
-                                 timeout=a.max_seconds))
+                asyncio.wait_for(
+                    hold(a.host, a.port, a.server_pid, a.conns, ctx, deadline, a.parallel, a.hold),
+                    timeout=a.max_seconds,
+                )
+            )
         finally:
             loop.close()
         res["seconds"] = round(time.monotonic() - t0, 2)
@@ -142,14 +174,20 @@ def main(argv=None) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, old)
     res["rss_before_kib"] = before
     res["conns_wanted"] = a.conns
-    res["per_conn_kib"] = round((res["rss_after_kib"] - before) / res["held"], 2) if res["held"] else None
+    res["per_conn_kib"] = (
+        round((res["rss_after_kib"] - before) / res["held"], 2) if res["held"] else None
+    )
     if a.json:
         print(json.dumps(res))
     else:
-        print(f"held {res['held']} of {a.conns} idle TLS connections ({res['opened']} opened in "
-              f"{res['open_seconds']} s; failures {res['failures'] or 'none'})")
-        print(f"server RSS {before / 1024:.1f} MiB -> {res['rss_after_kib'] / 1024:.1f} MiB: "
-              f"{res['per_conn_kib']} KiB per connection")
+        print(
+            f"held {res['held']} of {a.conns} idle TLS connections ({res['opened']} opened in "
+            f"{res['open_seconds']} s; failures {res['failures'] or 'none'})"
+        )
+        print(
+            f"server RSS {before / 1024:.1f} MiB -> {res['rss_after_kib'] / 1024:.1f} MiB: "
+            f"{res['per_conn_kib']} KiB per connection"
+        )
     return 0 if res["held"] else 1
 
 

@@ -4,9 +4,11 @@ POST /echo with `Token: <t>` or `Authorization: Bearer <t>` echoes the body with
 Content-Type; otherwise 401 (decided before the body is read).  Other methods on /echo get 405
 with `Allow: POST` (aiohttp's router), other paths 404.  TLS 1.2/1.3, ECDHE + AEAD, HTTP/1.1.
 
-    python aiohttp_echo.py --port P --cert server.pem --key server.key [--token T | env ECHOTWIST_TOKEN]
+    python aiohttp_echo.py --port P --cert server.pem --key server.key
+                           [--token T | env ECHOTWIST_TOKEN]
                            [--max-body BYTES] [--access-log FILE]
 """
+
 import argparse
 import hmac
 import logging
@@ -62,7 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--key", required=True)
     p.add_argument("--token", default=os.environ.get("ECHOTWIST_TOKEN"))
     p.add_argument("--max-body", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--access-log", default=None, help="file for one line per request (default: none)")
+    p.add_argument(
+        "--access-log", default=None, help="file for one line per request (default: none)"
+    )
     a = p.parse_args(argv)
     if not a.token:
         p.error("--token or ECHOTWIST_TOKEN is required")
@@ -73,9 +77,15 @@ def main(argv=None) -> int:
         access_log.propagate = False
         access_log.addHandler(logging.FileHandler(a.access_log))
     print(f"aiohttp peer on https://{a.host}:{a.port}/echo", flush=True)
-    web.run_app(make_app(a.token, a.max_body), host=a.host, port=a.port,
-                ssl_context=make_tls(a.cert, a.key), access_log=access_log,
-                print=None, handle_signals=True)
+    web.run_app(
+        make_app(a.token, a.max_body),
+        host=a.host,
+        port=a.port,
+        ssl_context=make_tls(a.cert, a.key),
+        access_log=access_log,
+        print=None,
+        handle_signals=True,
+    )
     return 0
 
 
