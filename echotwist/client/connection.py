@@ -83,8 +83,8 @@ class ResponseReader:
             self.started = True
         self._buffer += data
         while self._head is None:
-            if not self._read_head():
-                return None
+            if self._read_head() is None:
+                return None  # more of the head to come
         if self._chunked:
             return self._read_chunks()
         if self._length is not None and len(self._buffer) >= self._length:
@@ -108,12 +108,13 @@ class ResponseReader:
         self.started = bool(self._buffer)
         return Response(status, reason, headers, body, keep_alive)
 
-    def _read_head(self) -> bool:
+    def _read_head(self) -> bool | None:
+        """Parse a head: L{None} until it is all in, C{False} for an interim one."""
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > MAX_HEAD:
                 raise BadResponseError("response head too long")
-            return False
+            return None
         head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
         status_line, *lines = head.split(b"\r\n")
         match = _STATUS_LINE.fullmatch(status_line)
@@ -272,28 +273,32 @@ class EchoConnection(Protocol):
         if self._force_close is not None and self._force_close.active():
             self._force_close.cancel()
         waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            try:
-                response = self._reader.end()
-            except BadResponseError as e:
-                waiting.errback(Failure(e))
-            else:
-                if response is not None:
-                    self.answered += 1
-                    waiting.callback(response)
-                elif reason.check(ConnectionDone, ConnectionLost):
-                    waiting.errback(ClosedBeforeAnswer(reason.value, self._reader.started))
-                else:
-                    waiting.errback(reason)  # TLS failures: classify() names them
+        # Announce the end before handing out the result: whoever awaits the
+        # result may go on, synchronously, to close every open connection.
         self.closed.callback(None)
+        if waiting is None:
+            return
+        try:
+            response = self._reader.end()
+        except BadResponseError as e:
+            waiting.errback(Failure(e))
+            return
+        if response is not None:
+            self.answered += 1
+            waiting.callback(response)
+        elif reason.check(ConnectionDone, ConnectionLost):
+            waiting.errback(ClosedBeforeAnswer(reason.value, self._reader.started))
+        else:
+            waiting.errback(reason)  # TLS failures: classify() names them
 
     def close(self, reactor: IReactorTime, grace: float = 2.0) -> Deferred[None]:
         """Close politely (TLS close_notify); abort if that takes over C{grace} seconds."""
         transport = self.transport
         if not self.closed.called and transport is not None:
             self.usable = False
-            transport.loseConnection()
+            # Set first: loseConnection may end the connection before it returns.
             self._force_close = reactor.callLater(grace, transport.abortConnection)  # type: ignore[attr-defined]
+            transport.loseConnection()
         done: Deferred[None] = Deferred()
         self.closed.addBoth(lambda _: done.callback(None))
         return done
