@@ -10,6 +10,9 @@ from __future__ import annotations
 import io
 import json
 import resource
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -289,7 +292,9 @@ class LoadTests(TestCase):
 
     async def test_untrusted_certificate_is_counted_as_tls(self) -> None:
         port, _ = await listen(self, make_site(tokens.generate_token()))
-        other_ca = certs.ensure_dev_certs(self.mktemp()).ca_cert
+        elsewhere = tempfile.mkdtemp(prefix="echotwist-other-ca-")
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        other_ca = certs.ensure_dev_certs(elsewhere).ca_cert
         stderr = io.StringIO()
         argv = ["load", f"--host=https://localhost:{port}", "--token=" + tokens.generate_token()]
         argv += [f"--cacert={other_ca}", "--clients=3", "--json"]
@@ -413,8 +418,12 @@ class EndToEndTests(TestCase):
 
     timeout = 120
 
+    def setUp(self) -> None:
+        self.cwd = Path(tempfile.mkdtemp(prefix="echotwist-load-e2e-"))
+        self.addCleanup(shutil.rmtree, self.cwd, True)
+
     def test_load_command_against_twistd(self) -> None:
-        twistd = start_twistd(self)
+        twistd = start_twistd(self, cwd=self.cwd)
         result = run_client(
             "load",
             f"--host={twistd.url}",
@@ -432,7 +441,7 @@ class EndToEndTests(TestCase):
         self.assertEqual(result.stderr, b"")
 
     def test_load_command_with_a_wrong_token_exits_4(self) -> None:
-        twistd = start_twistd(self)
+        twistd = start_twistd(self, cwd=self.cwd)
         result = run_client(
             "load",
             f"--host={twistd.url}",
