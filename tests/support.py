@@ -41,10 +41,13 @@ _cert_dir: Path | None = None
 
 
 def dev_certs() -> certs.CertPaths:
-    """One development CA and server certificate for the whole test run."""
+    """
+    One development CA and server certificate for the whole test run, made in
+    the working directory (under pytest, the session's scratch directory).
+    """
     global _cert_dir
     if _cert_dir is None:
-        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-"))
+        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-", dir=os.getcwd()))
     return certs.ensure_dev_certs(_cert_dir)
 
 
