@@ -26,6 +26,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import IResource
+from twisted.web.server import Site
 
 from echotwist import certs, tls, tokens
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -39,10 +41,13 @@ _cert_dir: Path | None = None
 
 
 def dev_certs() -> certs.CertPaths:
-    """One development CA and server certificate for the whole test run."""
+    """
+    One development CA and server certificate for the whole test run, made in
+    the working directory (under pytest, the session's scratch directory).
+    """
     global _cert_dir
     if _cert_dir is None:
-        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-"))
+        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-", dir=os.getcwd()))
     return certs.ensure_dev_certs(_cert_dir)
 
 
@@ -62,7 +67,7 @@ class LiveServer:
 
     token: str
     port: int
-    site: EchoSite
+    site: Site
     listening: IListeningPort
     cafile: Path
 
@@ -75,18 +80,34 @@ class LiveServer:
         return f"https://127.0.0.1:{self.port}"
 
 
-async def start_server(
-    case: TestCase, token: str | None = None, interface: str = "127.0.0.1", **site_args
-) -> LiveServer:
-    """Listen on port 0 with the development certificate; stop at cleanup."""
+async def listen_tls(case: TestCase, site: Site, interface: str = "127.0.0.1") -> IListeningPort:
+    """Serve any Site over the development certificate on port 0; stop at cleanup."""
     paths = dev_certs()
-    token = token or tokens.generate_token()
-    site = make_site(token, **site_args)
     factory = tls.server_context_factory(paths.server_cert, paths.server_key)
     endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, factory, interface=interface)
     listening = await endpoint.listen(site)
     case.addCleanup(listening.stopListening)
-    return LiveServer(token, listening.getHost().port, site, listening, paths.ca_cert)
+    return listening
+
+
+async def start_server(
+    case: TestCase, token: str | None = None, interface: str = "127.0.0.1", **site_args
+) -> LiveServer:
+    """A real echotwist site on port 0 with the development certificate."""
+    token = token or tokens.generate_token()
+    site = make_site(token, **site_args)
+    listening = await listen_tls(case, site, interface)
+    return LiveServer(token, listening.getHost().port, site, listening, dev_certs().ca_cert)
+
+
+async def start_impostor(case: TestCase, resource: IResource) -> LiveServer:
+    """
+    A server that looks like echotwist (same TLS, same port-0 setup) but answers
+    with C{resource}: for tests of a client facing a server that misbehaves.
+    """
+    site = Site(resource)
+    listening = await listen_tls(case, site)
+    return LiveServer("", listening.getHost().port, site, listening, dev_certs().ca_cert)
 
 
 def make_agent(case: TestCase, cafile: Path | None = None, persistent: bool = False) -> Agent:
@@ -260,6 +281,7 @@ def start_twistd(
     cwd: Path | None = None,
     cert_dir: Path | None = None,
     deadline: float = 30.0,
+    twistd: str = TWISTD,
 ) -> Twistd:
     """
     Start C{twistd -n --pidfile= echo --port 0 --interface 127.0.0.1 ARGS} and
@@ -269,7 +291,7 @@ def start_twistd(
     cwd = cwd or Path(case.mktemp())
     cwd.mkdir(parents=True, exist_ok=True)
     argv = [
-        TWISTD,
+        twistd,
         "-n",
         "--pidfile=",
         "echo",
@@ -318,3 +340,20 @@ def run_client(
         timeout=timeout,
         check=False,
     )
+
+
+async def run_client_async(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[bytes, bytes, int]:
+    """
+    Run the real C{echotwist-client ARGS} without blocking the reactor, so it
+    can talk to a server running in this process.  Returns (stdout, stderr, code).
+    """
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    full_env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+    full_env.update(env or {})
+    out, err, code = await getProcessOutputAndValue(
+        CLIENT, args, env=full_env, path=str(cwd) if cwd else None
+    )
+    return out, err, code
