@@ -27,6 +27,10 @@ from echotwist import certs, tls, tokens
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
 from echotwist.site import DEFAULT_TIMEOUT, EchoSite
 
+#: Twisted's default backlog of 50 overflows when hundreds of clients connect at
+#: once (they then wait out SYN retransmits); the kernel caps this at somaxconn.
+LISTEN_BACKLOG = 1024
+
 
 def _positive_int(name: str):  # type: ignore[no-untyped-def]
     def coerce(value: str) -> int:
@@ -179,6 +183,10 @@ def makeService(options: Options) -> service.IService:
     resource = EchoResource(tokens.TokenChecker(token), max_body=options["max-body"])
     site = EchoSite(resource, timeout=options["timeout"])
     endpoint = endpoints.SSL4ServerEndpoint(
-        reactor, options["port"], options["context-factory"], interface=options["interface"]
+        reactor,
+        options["port"],
+        options["context-factory"],
+        backlog=LISTEN_BACKLOG,
+        interface=options["interface"],
     )
     return EchoServerService(endpoint, site, options["cafile"])

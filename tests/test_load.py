@@ -350,13 +350,6 @@ class LoadTests(TestCase):
             self.assertIn(label, text)
         self.assertIn("req", stderr.getvalue())  # tqdm's line, e.g. "123req [00:00, 205req/s]"
 
-    async def test_only_this_machine_is_a_target(self) -> None:
-        stderr = io.StringIO()
-        argv = ["load", "--host=https://192.0.2.1:8443", "--token=" + tokens.generate_token()]
-        code = await cli.main(reactor, argv, io.BytesIO(), io.BytesIO(), stderr)
-        self.assertEqual(code, 2)
-        self.assertIn("only targets this machine", stderr.getvalue())
-
     async def test_size_must_leave_room_for_the_sequence_number(self) -> None:
         stderr = io.StringIO()
         argv = ["load", "--size=4", "--token=" + tokens.generate_token()]
