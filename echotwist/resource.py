@@ -18,17 +18,32 @@ import time
 from typing import IO, Any, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from echotwist.tokens import TokenChecker
+from echotwist.limits import FailureLimiter, Limits
+from echotwist.peers import describe_peer, peer_host
+from echotwist.tokens import TokenChecker, presented_token
 
 ECHO_PATH = b"/echo"
 SERVER_NAME = b"echotwist"
 DEFAULT_CONTENT_TYPE = b"application/octet-stream"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+# Module-level: a Logger that is a class attribute takes the class's name.
+_auth_log = Logger(namespace="echotwist.auth")
+_limits_log = Logger(namespace="echotwist.limits")
+
+#: Statuses twisted.web has no name for.
+TOO_MANY_REQUESTS = 429
+HEADER_FIELDS_TOO_LARGE = 431
+_PHRASES = {
+    TOO_MANY_REQUESTS: b"Too Many Requests",
+    HEADER_FIELDS_TOO_LARGE: b"Request Header Fields Too Large",
+}
 
 #: One short line of text per refusal (the SPEC's "error bodies").
 _REASONS = {
@@ -37,8 +52,11 @@ _REASONS = {
     http.NOT_ALLOWED: b"method not allowed: use POST\n",
     http.REQUEST_ENTITY_TOO_LARGE: b"request body too large\n",
     http.BAD_REQUEST: b"bad request\n",
+    http.REQUEST_TIMEOUT: b"request not received in time\n",
+    TOO_MANY_REQUESTS: b"too many failed token attempts: slow down\n",
+    HEADER_FIELDS_TOO_LARGE: b"request line or headers too large\n",
+    http.HTTP_VERSION_NOT_SUPPORTED: b"HTTP version not supported\n",
 }
-
 #: After answering a refused request early, how long and how much of its body
 #: we keep reading (and discarding) so that the client reads our answer instead
 #: of a connection reset; then the connection is closed.
@@ -51,50 +69,91 @@ def refusal_body(status: int) -> bytes:
     return _REASONS.get(status, b"error\n")
 
 
+def status_line(status: int) -> bytes:
+    """C{HTTP/1.1 <status> <phrase>}, for answers written below the Request level."""
+    phrase = _PHRASES.get(status) or http.RESPONSES.get(status, b"Error")
+    return b"HTTP/1.1 %d %s" % (status, phrase)
+
+
 class EchoResource(Resource):
     """
     The whole site: C{POST /echo} with the token echoes the body verbatim.
 
     @ivar checker: decides whether a request carries the token.
     @ivar max_body: the largest body accepted, in bytes.
+    @ivar limiter: per-peer budget of failed token attempts, or L{None}.
     """
 
     isLeaf = True
 
-    def __init__(self, checker: TokenChecker, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(
+        self,
+        checker: TokenChecker,
+        max_body: int = DEFAULT_MAX_BODY,
+        limiter: FailureLimiter | None = None,
+    ) -> None:
         super().__init__()
         self.checker = checker
         self.max_body = max_body
+        self.limiter = limiter
 
     def early_status(
-        self, method: bytes, path: bytes, headers: Headers, length: int | None
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        length: int | None,
+        peer: Any = None,
     ) -> int | None:
         """
         The refusal status for a request with this head, or L{None} to accept it.
 
         The order is the contract: an unknown path is 404 and a wrong method 405
-        whoever asks; then the token (401) is checked before the size (413), so a
-        client without the token learns nothing about the limits.
+        whoever asks; then a peer over its failed-token budget is 429 (its token
+        is not even looked at); then the token (401) is checked before the size
+        (413), so a client without the token learns nothing about the limits.
+        A failed token is logged with the peer, never with what it presented.
 
         @param length: the declared body length, or L{None} when unknown
             (chunked, or HTTP/2 without C{content-length}).
+        @param peer: the client's address, for the log and the limiter.
         """
         if path.split(b"?", 1)[0] != ECHO_PATH:
             return http.NOT_FOUND
         if method != b"POST":
             return http.NOT_ALLOWED
+        host = peer_host(peer) if peer is not None else None
+        if self.limiter is not None and host is not None and self.limiter.blocked(host):
+            return TOO_MANY_REQUESTS
         if not self.checker.authorized(headers):
+            self._failed(headers, peer, host)
             return http.UNAUTHORIZED
         if length is not None and length > self.max_body:
             return http.REQUEST_ENTITY_TOO_LARGE
         return None
+
+    def _failed(self, headers: Headers, peer: Any, host: str | None) -> None:
+        _auth_log.info(
+            "failed token attempt from {peer}: {what} token",
+            peer=describe_peer(peer) if peer is not None else "-",
+            what="no" if presented_token(headers) is None else "wrong",
+        )
+        if self.limiter is not None and host is not None:
+            self.limiter.failed(host)
+            if self.limiter.blocked(host):
+                _auth_log.warn(
+                    "{host} is over its failed-token budget: refusing it with 429 for now",
+                    host=host,
+                )
 
     def render(self, request: server.Request) -> bytes:
         """Echo the body, or refuse with the status L{early_status} gives."""
         content = cast(IO[bytes], request.content)
         content.seek(0, 2)
         length = content.tell()
-        status = self.early_status(request.method, request.uri, request.requestHeaders, length)
+        status = self.early_status(
+            request.method, request.uri, request.requestHeaders, length, request.getClientAddress()
+        )
         if status is not None:
             return refuse(request, status)
         content.seek(0)
@@ -108,12 +167,14 @@ class EchoResource(Resource):
 
 def refuse(request: server.Request, status: int) -> bytes:
     """Set the status and headers of a refusal and return its body."""
-    request.setResponseCode(status)
+    request.setResponseCode(status, _PHRASES.get(status))
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     if status == http.UNAUTHORIZED:
         request.setHeader(b"www-authenticate", b'Bearer realm="echotwist"')
     elif status == http.NOT_ALLOWED:
         request.setHeader(b"allow", b"POST")
+    elif status == TOO_MANY_REQUESTS:
+        request.setHeader(b"retry-after", b"1")
     body = refusal_body(status)
     request.setHeader(b"content-length", b"%d" % len(body))
     return body
@@ -149,33 +210,53 @@ class _Discard:
 
 class EchoRequest(server.Request):
     """
-    A Request that refuses as soon as the headers are in.
+    A Request that refuses as soon as the headers are in, and bounds how long
+    its body may take.
 
     Twisted calls C{parseCookies} once every header has arrived, for HTTP/1.1
     and HTTP/2 alike, and before it looks at C{Expect: 100-continue}; that is
     where the decision is taken.  A refused request never gets C{100 Continue}
-    and its body is discarded.  Under HTTP/1.1 the refusal is written at once
-    (from C{gotLength}, after Twisted has settled persistence) and the connection
-    closes after it; under HTTP/2 the stream is not registered until its headers
-    are processed, so the answer goes out at the end of the stream.
+    and its body is discarded.
+
+    Under HTTP/1.1 the refusal is written at once (from C{gotLength}, after
+    Twisted has settled persistence) and the connection closes after a short
+    linger.  Under HTTP/2 the stream is registered with its connection only
+    after its headers are processed: the connection calls L{stream_registered}
+    then, and the refusal is written and the stream ended at once; the
+    connection (L{echotwist.channel.EchoH2Connection}) then resets the stream
+    so the client stops sending, and the other streams carry on.
+
+    An accepted body must arrive at the site's minimum rate after a grace
+    period (L{Limits.body_deadline}); a slower one is answered with 408.
     """
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
+        self._http1 = isinstance(channel, http.HTTPChannel)
         self.started = time.monotonic()
         self.early: int | None = None
         self.body_received = 0
         self._answered = False
+        self._registered = self._is_http1
         self._linger: IDelayedCall | None = None
+        self._body_call: IDelayedCall | None = None
+        self._body_started = 0.0
 
     # -- decisions ---------------------------------------------------------
 
     @property
     def _is_http1(self) -> bool:
-        return isinstance(self.channel, http.HTTPChannel)
+        # Decided once: a finished request no longer has a channel.
+        return self._http1
 
     def _resource(self) -> EchoResource:
         return cast(EchoResource, self._channel.site.resource)
+
+    def _limits(self) -> Limits:
+        return cast(Limits, getattr(self._channel.site, "limits", None) or Limits())
+
+    def _clock(self) -> IReactorTime:
+        return cast(IReactorTime, self._channel.site.reactor)
 
     @property
     def _channel(self) -> Any:
@@ -198,8 +279,9 @@ class EchoRequest(server.Request):
     def parseCookies(self) -> None:
         """All headers are in: decide now (no cookies matter to an echo service)."""
         method, path, _ = self._head()
+        length = self._declared_length()
         self.early = self._resource().early_status(
-            method, path, self.requestHeaders, self._declared_length()
+            method, path, self.requestHeaders, length, self.client
         )
         if self.early is not None:
             # Twisted answers Expect: 100-continue right after this call.
@@ -207,6 +289,10 @@ class EchoRequest(server.Request):
             if not self._is_http1:
                 # HTTP/2 has already called gotLength: drop what it prepared.
                 self.content = _Discard()
+            return
+        body_expected = self.channel.length != 0 if self._is_http1 else length != 0
+        if body_expected:
+            self._start_body_clock()
 
     def gotLength(self, length: int | None) -> None:
         """Store the body only for a request we mean to answer."""
@@ -216,35 +302,88 @@ class EchoRequest(server.Request):
         else:
             super().gotLength(length)
 
+    def stream_registered(self) -> None:
+        """HTTP/2: the connection now knows this stream, so it can be answered."""
+        self._registered = True
+        self._refuse_now()
+
     def handleContentChunk(self, data: bytes) -> None:
         """Count the body as it arrives; refuse the moment it passes the limit."""
         self.body_received += len(data)
+        if self.finished or self.content is None:
+            return
         if self.early is None and self.body_received > self._resource().max_body:
-            self.early = http.REQUEST_ENTITY_TOO_LARGE
-            cast(IO[bytes], self.content).close()
-            self.content = _Discard()
-            self._refuse_now()
-        cast(IO[bytes], self.content).write(data)
+            self._refuse_midway(http.REQUEST_ENTITY_TOO_LARGE)
+        if self.content is not None:  # an HTTP/2 refusal finishes the request at once
+            cast(IO[bytes], self.content).write(data)
+
+    def _refuse_midway(self, status: int) -> None:
+        """Refuse a request that was accepted at its headers, dropping what it sent."""
+        self.early = status
+        cast(IO[bytes], self.content).close()
+        self.content = _Discard()
+        self._refuse_now()
+
+    # -- the body clock ----------------------------------------------------
+
+    def _start_body_clock(self) -> None:
+        if self._limits().body_min_rate <= 0:
+            return
+        clock = self._clock()
+        self._body_started = clock.seconds()
+        self._body_call = clock.callLater(self._limits().body_timeout, self._check_body_rate)
+
+    def _stop_body_clock(self) -> None:
+        if self._body_call is not None and self._body_call.active():
+            self._body_call.cancel()
+        self._body_call = None
+
+    def _check_body_rate(self) -> None:
+        self._body_call = None
+        if self.finished or self._answered or self._disconnected:
+            return
+        clock = self._clock()
+        deadline = self._limits().body_deadline(self._body_started, self.body_received)
+        now = clock.seconds()
+        if now < deadline:
+            self._body_call = clock.callLater(deadline - now, self._check_body_rate)
+            return
+        _limits_log.info(
+            "request body from {peer} too slow: {received} bytes in {seconds:.1f}s",
+            peer=describe_peer(self.client),
+            received=self.body_received,
+            seconds=now - self._body_started,
+        )
+        self._refuse_midway(http.REQUEST_TIMEOUT)
+        if self._is_http1:
+            self._stop_lingering()
 
     # -- answering ---------------------------------------------------------
 
     def _refuse_now(self) -> None:
         """
-        Under HTTP/1.1 write the refusal at once, close after it, and stop
-        reading the rest of the body after a short linger.
+        Write the refusal now.  Under HTTP/1.1 close after it, and stop reading
+        the rest of the body after a short linger; under HTTP/2 end the stream.
         """
-        if self._answered or not self._is_http1 or self.early is None:
+        if self._answered or self.early is None or not self._registered:
             return
         self._answered = True
+        self._stop_body_clock()
         method, path, version = self._head()
         self.method, self.uri, self.clientproto = method, path, version
         self.path = path.split(b"?", 1)[0]
-        self.channel.persistent = False
-        self.content = _Discard(self._linger_check)
         self._write_head_defaults()
-        self.write(refuse(self, self.early))
-        clock: IReactorTime = self._channel.site.reactor
-        self._linger = clock.callLater(LINGER_SECONDS, self._stop_lingering)
+        body = refuse(self, self.early)
+        if self._is_http1:
+            self.channel.persistent = False
+            self.content = _Discard(self._linger_check)
+            self.write(body)
+            clock = self._clock()
+            self._linger = clock.callLater(LINGER_SECONDS, self._stop_lingering)
+        else:
+            self.content = _Discard()
+            self.write(body)
+            self.finish()
 
     def _linger_check(self, received: int) -> None:
         if received > LINGER_BYTES:
@@ -254,7 +393,10 @@ class EchoRequest(server.Request):
         """Enough of a refused body has been read: close the connection now."""
         self._cancel_linger()
         if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.loseConnection()
+            # The channel's loseConnection, not the transport's: the channel is
+            # registered as the transport's producer, and TLS holds its close
+            # until that producer is unregistered.
+            self.channel.loseConnection()
 
     def _cancel_linger(self) -> None:
         if self._linger is not None and self._linger.active():
@@ -264,6 +406,13 @@ class EchoRequest(server.Request):
     def _write_head_defaults(self) -> None:
         self.setHeader(b"server", SERVER_NAME)
         self.setHeader(b"date", http.datetimeToString())
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The whole body is in (an HTTP/2 stream answered early is already done)."""
+        self._stop_body_clock()
+        if self.finished:
+            return
+        super().requestReceived(command, path, version)
 
     def process(self) -> None:
         """
@@ -286,10 +435,12 @@ class EchoRequest(server.Request):
 
     def finish(self) -> None:
         self._cancel_linger()
+        self._stop_body_clock()
         super().finish()
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_linger()
+        self._stop_body_clock()
         if self._answered and not self.finished:
             # A refused client that hung up before its body ended: still one
             # access-log line for it.

@@ -23,9 +23,13 @@ from twisted.internet import endpoints, interfaces
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echotwist import certs, tls, tokens
+from echotwist import certs, limits, tls, tokens
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
 from echotwist.site import DEFAULT_TIMEOUT, EchoSite
+
+#: Twisted's default backlog of 50 overflows when hundreds of clients connect at
+#: once (they then wait out SYN retransmits); the kernel caps this at somaxconn.
+LISTEN_BACKLOG = 1024
 
 
 def _positive_int(name: str):  # type: ignore[no-untyped-def]
@@ -52,6 +56,15 @@ def _seconds(name: str):  # type: ignore[no-untyped-def]
         return number
 
     return coerce
+
+
+def _rate(value: str) -> float:
+    try:
+        return limits.parse_rate(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"--auth-fail-limit must be a rate like 5/s or 30/m, not {value!r}"
+        ) from None
 
 
 class Options(usage.Options):
@@ -102,6 +115,45 @@ class Options(usage.Options):
             "Seconds an idle connection is kept open.",
             _seconds("timeout"),
         ],
+        [
+            "header-timeout",
+            None,
+            limits.DEFAULT_HEADER_TIMEOUT,
+            "Seconds a client has to send a request's line and headers (the first "
+            "request's clock starts at connect, TLS handshake included).",
+            _seconds("header-timeout"),
+        ],
+        [
+            "body-timeout",
+            None,
+            limits.DEFAULT_BODY_TIMEOUT,
+            "Seconds of grace for a request body before --body-min-rate applies.",
+            _seconds("body-timeout"),
+        ],
+        [
+            "body-min-rate",
+            None,
+            limits.DEFAULT_BODY_MIN_RATE,
+            "Bytes/s a request body must average after the grace (0: no body deadline).",
+            _positive_int("body-min-rate"),
+        ],
+        [
+            "max-connections",
+            None,
+            limits.DEFAULT_MAX_CONNECTIONS,
+            "Concurrent connections per process; more are closed at accept "
+            "(clamped below the open-file limit).",
+            _positive_int("max-connections"),
+        ],
+        [
+            "auth-fail-limit",
+            None,
+            0.0,
+            "Failed token attempts allowed per peer address, as N/s, N/m or N/h "
+            "(burst N); a peer over it gets 429 without its token being checked. "
+            "0 (the default) turns it off.",
+            _rate,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -110,6 +162,14 @@ class Options(usage.Options):
             raise usage.UsageError("--port is required (use 0 to pick a free port)")
         if self["port"] > 65535:
             raise usage.UsageError("--port must be at most 65535")
+        if self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
+        self["limits"] = limits.Limits(
+            header_timeout=self["header-timeout"],
+            body_timeout=self["body-timeout"],
+            body_min_rate=self["body-min-rate"],
+            max_connections=limits.max_connections_for(self["max-connections"]),
+        )
         if (self["cert"] is None) != (self["key"] is None):
             raise usage.UsageError("--cert and --key go together")
         try:
@@ -176,9 +236,17 @@ def makeService(options: Options) -> service.IService:
         print(f"Trust this CA in clients: {options['cafile']}", flush=True)
     sys.stdout.flush()
 
-    resource = EchoResource(tokens.TokenChecker(token), max_body=options["max-body"])
-    site = EchoSite(resource, timeout=options["timeout"])
+    rate: float = options["auth-fail-limit"]
+    limiter = limits.FailureLimiter(rate) if rate > 0 else None
+    resource = EchoResource(
+        tokens.TokenChecker(token), max_body=options["max-body"], limiter=limiter
+    )
+    site = EchoSite(resource, timeout=options["timeout"], limits=options["limits"])
     endpoint = endpoints.SSL4ServerEndpoint(
-        reactor, options["port"], options["context-factory"], interface=options["interface"]
+        reactor,
+        options["port"],
+        options["context-factory"],
+        backlog=LISTEN_BACKLOG,
+        interface=options["interface"],
     )
     return EchoServerService(endpoint, site, options["cafile"])

@@ -1,11 +1,15 @@
 """
-The Site: connection-level settings and the access log.
+The Site: connection-level settings, the connection cap and the access log.
 
 One access-log line per request goes through L{twisted.logger} with structured
 fields (peer, method, path, status, bytes in and out, duration), so it lands
 wherever twistd sends logs (C{--logfile}, or stdout under C{-n}).  The token and
 the body are never logged: the path is logged without its query string, and no
 header is.
+
+Above L{Limits.max_connections} open connections, a new connection is closed
+as soon as it is accepted, before any TLS work: a flood degrades service for
+newcomers instead of exhausting memory or file descriptors for everyone.
 """
 
 from __future__ import annotations
@@ -13,30 +17,30 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import IResource
 
+from echotwist.channel import EchoChannelProtocol, EchoHTTPChannel, refused_protocol
+from echotwist.limits import Limits
+from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
 
 DEFAULT_TIMEOUT = 60.0
 
-
-def _peer(request: server.Request) -> str:
-    addr = request.getClientAddress()
-    host = getattr(addr, "host", None)
-    port = getattr(addr, "port", None)
-    if host is None:
-        return str(addr)
-    if host.startswith("::ffff:") and "." in host:
-        # An IPv4 client of the dual-stack listener: show it as IPv4.
-        host = host[len("::ffff:") :]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+_limits_log = Logger(namespace="echotwist.limits")
 
 
 class EchoSite(server.Site):
-    """A Site that serves one resource with L{EchoRequest}s and logs each request."""
+    """
+    A Site that serves one resource with L{EchoRequest}s over L{EchoChannelProtocol}
+    connections, caps how many are open, and logs each request.
+
+    @ivar limits: the time and connection bounds handed to every channel.
+    @ivar open_connections: connections currently open.
+    @ivar refused_connections: connections closed at accept because of the cap.
+    """
 
     access_log = Logger(namespace="echotwist.access")
 
@@ -45,6 +49,7 @@ class EchoSite(server.Site):
         resource: IResource,
         timeout: float = DEFAULT_TIMEOUT,
         reactor: IReactorTime | None = None,
+        limits: Limits | None = None,
     ) -> None:
         # Bodies are echoed, never parsed as forms.
         super().__init__(
@@ -55,6 +60,42 @@ class EchoSite(server.Site):
             reactor=reactor,
         )
         self.displayTracebacks = False
+        self.limits = limits or Limits()
+        self.open_connections = 0
+        self.refused_connections = 0
+        self._refusing = False
+
+    def protocol(self) -> EchoChannelProtocol:
+        """The protocol of one connection (Factory.buildProtocol calls this)."""
+        return EchoChannelProtocol(EchoHTTPChannel())
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        """A channel for a new connection, or one that closes it if over the cap."""
+        if self.open_connections >= self.limits.max_connections:
+            self.refused_connections += 1
+            if not self._refusing:
+                self._refusing = True
+                _limits_log.warn(
+                    "{open} connections open (the cap): refusing new ones, first {peer}",
+                    open=self.open_connections,
+                    peer=describe_peer(addr),
+                )
+            return refused_protocol()
+        return super().buildProtocol(addr)
+
+    def connection_opened(self) -> None:
+        """A connection was accepted under the cap."""
+        self.open_connections += 1
+
+    def connection_closed(self) -> None:
+        """A counted connection ended."""
+        self.open_connections -= 1
+        if self._refusing and self.open_connections < self.limits.max_connections:
+            self._refusing = False
+            _limits_log.info(
+                "below the connection cap again; {refused} connections refused so far",
+                refused=self.refused_connections,
+            )
 
     def log(self, request: Any) -> None:
         """Emit the access-log line for a finished (or abandoned) request."""
@@ -65,7 +106,7 @@ class EchoSite(server.Site):
         body_in = getattr(request, "body_received", 0)
         self.access_log.info(
             "{peer} {method} {path} {status} in={bytes_in} out={bytes_out} {duration_ms:.1f}ms",
-            peer=_peer(request),
+            peer=describe_peer(request.getClientAddress()),
             method=method,
             path=path,
             status=request.code,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from echotwist import certs, tls, tokens
+from echotwist.limits import FailureLimiter, Limits
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
 from echotwist.site import EchoSite
 
@@ -41,20 +43,29 @@ _cert_dir: Path | None = None
 
 
 def dev_certs() -> certs.CertPaths:
-    """One development CA and server certificate for the whole test run."""
+    """
+    One development CA and server certificate for the whole test run, made in
+    the working directory (under pytest, the session's scratch directory).
+    """
     global _cert_dir
     if _cert_dir is None:
-        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-"))
+        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-", dir=os.getcwd()))
     return certs.ensure_dev_certs(_cert_dir)
 
 
 def make_site(
-    token: str, max_body: int = DEFAULT_MAX_BODY, timeout: float = 60.0, clock=None
+    token: str,
+    max_body: int = DEFAULT_MAX_BODY,
+    timeout: float = 60.0,
+    clock=None,
+    limits: Limits | None = None,
+    limiter: FailureLimiter | None = None,
 ) -> EchoSite:
     return EchoSite(
-        EchoResource(tokens.TokenChecker(token), max_body=max_body),
+        EchoResource(tokens.TokenChecker(token), max_body=max_body, limiter=limiter),
         timeout=timeout,
         reactor=clock,
+        limits=limits,
     )
 
 
@@ -337,6 +348,104 @@ def run_client(
         timeout=timeout,
         check=False,
     )
+
+
+# -- blocking sockets against a live server (run them in a thread) ----------------
+
+
+def client_tls_context(alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A stdlib client context trusting the development CA, with optional ALPN."""
+    ctx = ssl.create_default_context(cafile=str(dev_certs().ca_cert))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def tls_connect(port: int, alpn: list[str] | None = None, timeout: float = 5.0):
+    """A blocking TLS socket to 127.0.0.1:port, verified as C{localhost}."""
+    import socket
+
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        return client_tls_context(alpn).wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def recv_until_closed(sock, limit: float = 5.0, max_bytes: int = 1 << 20) -> bytes:
+    """Read until the peer closes (or C{limit} seconds, or C{max_bytes}); never raises."""
+    import ssl
+
+    data = b""
+    end = time.monotonic() + limit
+    while len(data) < max_bytes:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except (OSError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recv_response(sock, limit: float = 5.0) -> bytes:
+    """Read one complete HTTP/1.1 response with a Content-Length (or until close)."""
+    import ssl
+
+    data = b""
+    end = time.monotonic() + limit
+    while True:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if found and len(rest) >= int(found.group(1)):
+                return data
+        left = end - time.monotonic()
+        if left <= 0:
+            return data
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, OSError, ssl.SSLError):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def is_closed(sock, limit: float = 5.0) -> bool:
+    """Whether the peer closes C{sock} within C{limit} seconds (data read is dropped)."""
+    import ssl
+
+    end = time.monotonic() + limit
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            return False
+        except (OSError, ssl.SSLError):
+            return True
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 async def run_client_async(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import task
@@ -167,6 +168,13 @@ class SendOptions(ConnectionOptions):
             raise usage.UsageError(f"cannot read --message-file: {e.strerror or e}") from None
 
 
+def _load_options() -> usage.Options:
+    # Imported when asked for: the load module builds on this one.
+    from echotwist.client.load import LoadOptions
+
+    return LoadOptions()
+
+
 class ClientOptions(usage.Options):
     """Top level: C{echotwist-client COMMAND [options]}."""
 
@@ -177,6 +185,7 @@ class ClientOptions(usage.Options):
     )
     subCommands: list[list[Any]] = [
         ["send", None, SendOptions, "Send one message, print the echo, verify it."],
+        ["load", None, _load_options, "Many clients at once, every echo verified; a summary."],
     ]
 
     def postOptions(self) -> None:
@@ -228,6 +237,19 @@ async def _send(
     return ExitCode.VERIFIED
 
 
+async def _load(
+    reactor: Any, options: usage.Options, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO
+) -> int:
+    from echotwist.client import load
+
+    assert isinstance(options, load.LoadOptions)
+    return await load.run(reactor, options, stdout, stderr)
+
+
+#: Each subcommand's coroutine: (reactor, its options, stdin, stdout, stderr) -> exit code.
+_COMMANDS: dict[str, Callable[..., Awaitable[int]]] = {"send": _send, "load": _load}
+
+
 async def main(
     reactor: IReactorTime,
     argv: list[str],
@@ -249,7 +271,8 @@ async def main(
         return ExitCode.USAGE
     except SystemExit as e:  # --help and --version print and exit
         return int(e.code or 0)
-    return await _send(reactor, options.subOptions, stdin, stdout, stderr)
+    command = _COMMANDS[cast(str, options.subCommand)]  # postOptions insists on one
+    return await command(reactor, options.subOptions, stdin, stdout, stderr)
 
 
 def run() -> None:

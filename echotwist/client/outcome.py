@@ -9,6 +9,7 @@ certificate or a timeout is named the same way everywhere.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from OpenSSL import SSL
@@ -37,6 +38,7 @@ class Cause(str, enum.Enum):
     HTTP_STATUS = "http_status"
     CONNECTION_LOST = "connection_lost"
     MISMATCH = "mismatch"
+    BAD_RESPONSE = "bad_response"
     OTHER = "other"
 
 
@@ -49,11 +51,25 @@ class Problem:
 
     @property
     def exit_code(self) -> ExitCode:
-        if self.cause is Cause.HTTP_STATUS:
-            return ExitCode.HTTP_STATUS
-        if self.cause is Cause.MISMATCH:
-            return ExitCode.MISMATCH
-        return ExitCode.TRANSPORT
+        return exit_code_of(self.cause)
+
+
+def exit_code_of(cause: Cause) -> ExitCode:
+    """The exit code that names a failure with this cause."""
+    if cause is Cause.HTTP_STATUS:
+        return ExitCode.HTTP_STATUS
+    if cause is Cause.MISMATCH:
+        return ExitCode.MISMATCH
+    return ExitCode.TRANSPORT
+
+
+def exit_code_for(causes: Iterable[Cause]) -> ExitCode:
+    """
+    The exit code of a run whose failures had these causes: 0 when there were
+    none, else the most serious: wrong bytes (1), then connection, TLS or
+    timeout (3), then a refusing status (4).  The order of L{ExitCode}.
+    """
+    return min((exit_code_of(cause) for cause in causes), default=ExitCode.VERIFIED)
 
 
 class StatusError(Exception):
@@ -69,6 +85,10 @@ class StatusError(Exception):
         text = self.body[:200].decode("utf-8", "replace").strip()
         phrase = self.phrase.decode("latin-1")
         return f"server answered {self.code} {phrase}" + (f": {text}" if text else "")
+
+
+class BadResponseError(Exception):
+    """The server answered with something that is not a well-formed HTTP/1.1 response."""
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -103,6 +123,8 @@ def classify(exc: BaseException, *, timeout: float | None = None) -> Problem:
     """Name a failure of one exchange."""
     if isinstance(exc, StatusError):
         return Problem(Cause.HTTP_STATUS, str(exc))
+    if isinstance(exc, BadResponseError):
+        return Problem(Cause.BAD_RESPONSE, f"malformed response: {exc}")
     for inner in _causes(exc):
         if isinstance(inner, (VerificationError, SSL.Error)):
             return Problem(Cause.TLS, _tls_text(inner))

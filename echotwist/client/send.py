@@ -7,13 +7,13 @@ Used by C{echotwist-client send} and, through L{post_echo}, by the load run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from io import BytesIO
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
 from echotwist.client.outcome import StatusError
 
@@ -33,14 +33,40 @@ def request_headers(token: str, content_type: bytes | None = None) -> Headers:
     return headers
 
 
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A body already in memory, written in one go.
+
+    L{FileBodyProducer} would schedule its writes on a cooperator, one reactor
+    turn per request; the body is in memory anyway, so write it at once.  The
+    exact length makes the request carry C{Content-Length}.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 async def post_echo(agent: IAgent, url: bytes, headers: Headers, body: bytes) -> bytes:
     """
     POST C{body} and return the response body; raise L{StatusError} for a
     status other than 200.
     """
-    response: IResponse = await agent.request(
-        b"POST", url, headers, FileBodyProducer(BytesIO(body))
-    )
+    response: IResponse = await agent.request(b"POST", url, headers, BytesProducer(body))
     received: bytes = await readBody(response)
     if response.code != 200:
         raise StatusError(response.code, response.phrase, received)

@@ -1,0 +1,423 @@
+"""
+The connection-level protocols: HTTP/1.1 and HTTP/2 channels with deadlines,
+strict parsing and one log line per bad connection.
+
+twisted.web's channels have an idle timeout reset by every byte, so a client
+that drips its headers is never cut off; they answer an unsupported version
+with 400, fold obsolete line continuations into headers, and close a too-long
+line without a word.  Under HTTP/2 they cannot answer a stream before its end
+and crash on DATA for a stream they have finished.  This module closes those
+gaps:
+
+  - L{EchoHTTPChannel} adds a header deadline (from the connection's start for
+    its first request, from the first byte of each later one), rejects bytes
+    that cannot start a request line, bare-LF line ends and obsolete line
+    folding, answers 505 to other HTTP versions and 431 to over-long lines,
+    and logs each malformed connection once.
+  - L{EchoH2Connection} lets a request refused at its headers answer as soon
+    as its stream is registered, resets a stream the server has finished
+    while the client is still sending it (C{RST_STREAM NO_ERROR}, RFC 9113
+    section 8.1), ignores frames for streams it no longer tracks, and puts
+    the same header deadline on header blocks and on the first request.
+  - L{EchoChannelProtocol} is the per-connection protocol the site builds: it
+    picks one of the two by ALPN, counts connections for the site's cap and
+    logs failed TLS handshakes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+import h2.stream
+import priority
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web._http2 import H2Connection
+
+from echotwist.limits import Limits
+from echotwist.peers import describe_peer
+from echotwist.resource import (
+    HEADER_FIELDS_TOO_LARGE,
+    SERVER_NAME,
+    EchoRequest,
+    refusal_body,
+    status_line,
+)
+
+# Module-level: a Logger that is a class attribute takes the class's name.
+_log = Logger(namespace="echotwist.limits")
+_tls_log = Logger(namespace="echotwist.tls")
+_DONE = Failure(ConnectionDone())
+
+#: Longest request line or header line (nginx's default buffer is 8 KiB).
+MAX_LINE = 8192
+#: Most header lines in one request: an echo client sends a handful.
+MAX_HEADERS = 100
+#: Bytes of the request line plus headers.
+MAX_HEADER_BYTES = 16384
+
+#: What may begin a request: a method token (RFC 9110 tchar), or the one empty
+#: line a client may send between requests.
+_REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z\r]")
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/(\d)\.(\d)")
+
+
+def _limits_of(site: Any) -> Limits:
+    return getattr(site, "limits", None) or Limits()
+
+
+def _plain_answer(status: int) -> bytes:
+    """A complete HTTP/1.1 refusal written below the Request level; it closes."""
+    body = refusal_body(status)
+    return (
+        status_line(status)
+        + b"\r\nServer: "
+        + SERVER_NAME
+        + b"\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8"
+        + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+class EchoHTTPChannel(http.HTTPChannel):
+    """
+    An L{http.HTTPChannel} with a header deadline, stricter parsing and one
+    log line per malformed connection.
+    """
+
+    MAX_LENGTH = MAX_LINE
+    maxHeaders = MAX_HEADERS
+    totalHeadersSize = MAX_HEADER_BYTES
+
+    site: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._header_call: IDelayedCall | None = None
+        self._rejected = False
+        self._bytes_seen = 0
+
+    # -- where are we in the request? ----------------------------------------
+
+    @property
+    def _awaiting_request_line(self) -> bool:
+        return bool(self._HTTPChannel__first_line) and not self._handlingRequest  # type: ignore[attr-defined]
+
+    @property
+    def _in_headers(self) -> bool:
+        return bool(self.line_mode) and not self._handlingRequest
+
+    # -- the header deadline ---------------------------------------------------
+
+    def _arm_header_deadline(self) -> None:
+        if self._header_call is None and self.site is not None:
+            timeout = _limits_of(self.site).header_timeout
+            self._header_call = self.site.reactor.callLater(timeout, self._headers_too_slow)
+
+    def cancel_deadlines(self) -> None:
+        """Stop the header clock (the connection closes or becomes HTTP/2)."""
+        if self._header_call is not None and self._header_call.active():
+            self._header_call.cancel()
+        self._header_call = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_call = None
+        self._reject(http.REQUEST_TIMEOUT, "headers not received in time")
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # The first request's clock starts now: a client that connects and
+        # then says nothing, or drips its handshake, is cut off too.
+        self._arm_header_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._bytes_seen += len(data)
+        if self._in_headers:
+            self._arm_header_deadline()
+            if self._awaiting_request_line and not self._screen_request_start(data):
+                return
+        super().dataReceived(data)
+
+    def _screen_request_start(self, data: bytes) -> bool:
+        """Refuse bytes that cannot be the start of an HTTP/1.1 request."""
+        pending = self._buffer + data
+        if not pending:
+            return True
+        if not _REQUEST_START.match(pending, 0):
+            self._reject(http.BAD_REQUEST, "not HTTP (bad first byte)")
+            return False
+        newline = pending.find(b"\n")
+        if newline == 0 or (newline > 0 and pending[newline - 1 : newline] != b"\r"):
+            self._reject(http.BAD_REQUEST, "bare LF in request line")
+            return False
+        return True
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._rejected:
+            return
+        if self._awaiting_request_line and line:
+            found = _REQUEST_LINE.fullmatch(line)
+            if found and found.groups() not in ((b"1", b"0"), (b"1", b"1")):
+                self._reject(http.HTTP_VERSION_NOT_SUPPORTED, "unsupported HTTP version")
+                return
+        elif not self._awaiting_request_line and line[:1] in (b" ", b"\t"):
+            # Obsolete line folding: a classic smuggling vector; RFC 9112 5.2
+            # lets a server reject it.
+            self._reject(http.BAD_REQUEST, "obsolete header line folding")
+            return
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self.cancel_deadlines()
+        super().allHeadersReceived()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._reject(HEADER_FIELDS_TOO_LARGE, "request line or header line too long")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if (
+            self._receivedHeaderCount > self.maxHeaders
+            or self._receivedHeaderSize > self.totalHeadersSize
+        ):
+            self._reject(HEADER_FIELDS_TOO_LARGE, "too many or too large headers")
+            return
+        if self._in_headers:
+            why = "malformed request line" if self._awaiting_request_line else "malformed header"
+        else:
+            why = "malformed body framing"
+        self._reject(http.BAD_REQUEST, why)
+
+    def _reject(self, status: int, why: str) -> None:
+        """
+        Answer a malformed or too slow request and close, once per connection.
+        No answer is written when a response is already under way: it would be
+        read as part of that response.
+        """
+        if self._rejected:
+            return
+        self._rejected = True
+        self.cancel_deadlines()
+        peer = self.transport.getPeer() if self.transport is not None else None
+        _log.info(
+            "closing connection from {peer}: {why} ({status})",
+            peer=describe_peer(peer),
+            why=why,
+            status=status,
+        )
+        if self.transport is None:
+            return
+        if not self._bytes_seen:
+            # Nothing has arrived (the TLS handshake may not even be done):
+            # there is no one to answer, and a TLS transport would hold an
+            # answer until a handshake that may never come.
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        answering = any(getattr(r, "startedWriting", False) for r in self.requests)
+        if not answering:
+            self.transport.write(_plain_answer(status))
+        self.persistent = False
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self._buffer and self._in_headers:
+            # A pipelined request is already partly in: its clock runs.
+            self._arm_header_deadline()
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.cancel_deadlines()
+        super().connectionLost(reason)
+
+
+class EchoH2Connection(H2Connection):
+    """
+    An L{H2Connection} that answers refused streams at once and survives the
+    client's late frames for them.
+    """
+
+    def __init__(self, reactor: Any = None) -> None:
+        super().__init__(reactor)
+        self._header_call: IDelayedCall | None = None
+        self._seen_request = False
+
+    # -- the header deadline ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        if self._header_call is None:
+            timeout = _limits_of(self.site).header_timeout
+            self._header_call = self._reactor.callLater(timeout, self._headers_too_slow)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_call is not None and self._header_call.active():
+            self._header_call.cancel()
+        self._header_call = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_call = None
+        _log.info(
+            "closing HTTP/2 connection from {peer}: headers not received in time",
+            peer=describe_peer(self.getPeer()),
+        )
+        self.timeoutConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # A header block split over CONTINUATION frames is buffered inside h2
+        # until it ends; while one is open, the header clock runs.
+        partial = bool(getattr(self.conn, "_header_frames", None))
+        if partial:
+            self._arm_header_deadline()
+        elif self._seen_request:
+            self._cancel_header_deadline()
+
+    def connectionLost(self, reason: Failure = _DONE, _cancelTimeouts: bool = True) -> None:
+        self._cancel_header_deadline()
+        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
+
+    # -- streams ---------------------------------------------------------------
+
+    def _requestReceived(self, event: Any) -> None:
+        self._seen_request = True
+        super()._requestReceived(event)
+        stream = self.streams.get(event.stream_id)
+        request = getattr(stream, "_request", None)
+        if isinstance(request, EchoRequest):
+            request.stream_registered()
+
+    def _requestDataReceived(self, event: Any) -> None:
+        if event.stream_id not in self.streams:
+            # DATA for a stream we have finished but h2 still has open: give
+            # the flow-control window back so other streams are not starved.
+            self._acknowledge(event.flow_controlled_length, event.stream_id)
+            return
+        super()._requestDataReceived(event)
+
+    def _acknowledge(self, length: int, stream_id: int) -> None:
+        if length:
+            try:
+                self.conn.acknowledge_received_data(length, stream_id)
+            except h2.exceptions.ProtocolError:
+                return
+            self._tryToWriteControlData()
+
+    def _requestEnded(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestEnded(event)
+
+    def _requestAborted(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestAborted(event)
+
+    def _handlePriorityUpdate(self, event: Any) -> None:
+        if event.stream_id <= self.conn.highest_inbound_stream_id and (
+            event.stream_id not in self.streams
+        ):
+            # A finished stream: re-inserting it would leak a tree node.
+            return
+        try:
+            super()._handlePriorityUpdate(event)
+        except priority.TooManyStreamsError:
+            self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._terminate(Failure(ConnectionError("too many prioritised streams")))
+
+    def _requestDone(self, streamID: int) -> None:
+        super()._requestDone(streamID)
+        # Our response has ended the stream; if the client is still sending
+        # (a request answered before its body), ask it to stop (RFC 9113 8.1).
+        stream = self.conn.streams.get(streamID)
+        if stream is None or not self._stillProducing:
+            return
+        if stream.state_machine.state == h2.stream.StreamState.HALF_CLOSED_LOCAL:
+            try:
+                self.conn.reset_stream(streamID, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                return
+            self._tryToWriteControlData()
+
+
+class _Refused(Protocol):
+    """Stands in for a connection over the cap: closes it at once."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
+    """
+    The protocol of one connection: HTTP/1.1 or, by ALPN, HTTP/2; counted
+    against the site's connection cap.
+    """
+
+    def __init__(self, channel: IProtocol) -> None:
+        super().__init__(channel)
+        self._counted = False
+
+    def makeConnection(self, transport: Any) -> None:
+        site = self._site
+        if site is not None:
+            site.connection_opened()
+            self._counted = True
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._negotiatedProtocol is None:
+            negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)
+            if negotiated == b"h2":
+                self._switch_to_h2()
+        return super().dataReceived(data)
+
+    def _switch_to_h2(self) -> None:
+        old: Any = self._channel
+        old.cancel_deadlines()
+        networkProducer = old._networkProducer
+        networkProducer.unregisterProducer()
+        old.setTimeout(None)
+        transport = old.transport
+        site = self._site
+        channel: Any = EchoH2Connection(site.reactor if site is not None else None)
+        channel.requestFactory = self._requestFactory
+        channel.site = self._site
+        channel.factory = self._factory
+        channel.timeOut = self._timeOut
+        channel.callLater = self._callLater
+        self._channel = channel
+        channel.makeConnection(transport)
+        networkProducer.registerProducer(channel, True)
+        self._negotiatedProtocol = b"h2"  # type: ignore[assignment]
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if reason.check(SSL.Error):
+            peer = self._channel.transport.getPeer() if self._channel.transport else None
+            _tls_log.info(
+                "TLS failed with {peer}: {error}",
+                peer=describe_peer(peer),
+                error=reason.getErrorMessage(),
+            )
+        try:
+            self._channel.connectionLost(reason)
+        finally:
+            if self._counted and self._site is not None:
+                self._counted = False
+                self._site.connection_closed()
+
+
+def refused_protocol() -> Protocol:
+    """The protocol given to a connection above the cap."""
+    return _Refused()

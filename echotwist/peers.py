@@ -1,0 +1,28 @@
+"""
+How a peer's address is shown in logs and keyed in limits: host and port for
+logs, host alone for per-peer limits, IPv4 clients of the dual-stack listener
+shown as IPv4.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def peer_host(address: Any) -> str:
+    """The peer's host (IPv4-mapped IPv6 shown as IPv4), or C{str(address)}."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    return str(host)
+
+
+def describe_peer(address: Any) -> str:
+    """C{host:port}, or C{[v6host]:port}, for log lines."""
+    host = peer_host(address)
+    port = getattr(address, "port", None)
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
