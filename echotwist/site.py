@@ -30,6 +30,14 @@ from echotwist.resource import EchoRequest
 DEFAULT_TIMEOUT = 60.0
 
 _limits_log = Logger(namespace="echotwist.limits")
+# Module-level: as a class attribute a Logger is re-made on every access (it is
+# a descriptor) and takes the class's name instead of this namespace.
+_access_log = Logger(namespace="echotwist.access")
+
+#: The access-log event's format: the line, pre-formatted by L{EchoSite.log}.
+ACCESS_FORMAT = "{line}"
+#: peer, method, path, status, bytes in, bytes out, duration in ms.
+_ACCESS_LINE = "%s %s %s %d in=%d out=%d %.1fms"
 
 
 class EchoSite(server.Site):
@@ -41,8 +49,6 @@ class EchoSite(server.Site):
     @ivar open_connections: connections currently open.
     @ivar refused_connections: connections closed at accept because of the cap.
     """
-
-    access_log = Logger(namespace="echotwist.access")
 
     def __init__(
         self,
@@ -98,19 +104,31 @@ class EchoSite(server.Site):
             )
 
     def log(self, request: Any) -> None:
-        """Emit the access-log line for a finished (or abandoned) request."""
+        """
+        Emit the access-log line for a finished (or abandoned) request.
+
+        The line is formatted here, once, with C{%} (done in C), and the event
+        carries it as C{{line}} next to every field on its own: the text
+        observer then substitutes one field instead of running seven through
+        twisted.logger's pure-Python formatter, which cost a fifth of a small
+        request's CPU.  Structured observers still get the separate fields.
+        """
         method = (request.method or b"-").decode("latin-1")
         path = (request.uri or b"-").split(b"?", 1)[0].decode("latin-1")
         started = getattr(request, "started", None)
         duration_ms = (time.monotonic() - started) * 1000 if started else 0.0
         body_in = getattr(request, "body_received", 0)
-        self.access_log.info(
-            "{peer} {method} {path} {status} in={bytes_in} out={bytes_out} {duration_ms:.1f}ms",
-            peer=describe_peer(request.getClientAddress()),
+        peer = describe_peer(request.getClientAddress())
+        status = request.code
+        bytes_out = request.sentLength
+        _access_log.info(
+            ACCESS_FORMAT,
+            line=_ACCESS_LINE % (peer, method, path, status, body_in, bytes_out, duration_ms),
+            peer=peer,
             method=method,
             path=path,
-            status=request.code,
+            status=status,
             bytes_in=body_in,
-            bytes_out=request.sentLength,
+            bytes_out=bytes_out,
             duration_ms=duration_ms,
         )
