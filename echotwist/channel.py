@@ -27,7 +27,7 @@ gaps:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import h2.errors
 import h2.exceptions
@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection
 
-from echotwist.limits import Limits
+from echotwist.limits import Deadline, Limits
 from echotwist.peers import describe_peer
 from echotwist.resource import (
     HEADER_FIELDS_TOO_LARGE,
@@ -101,9 +101,26 @@ class EchoHTTPChannel(http.HTTPChannel):
 
     def __init__(self) -> None:
         super().__init__()
-        self._header_call: IDelayedCall | None = None
+        self._deadline: Deadline | None = None
+        self._idle: Deadline | None = None
+        self._host: Any = None
+        self._peer: Any = None
         self._rejected = False
         self._bytes_seen = 0
+
+    # -- addresses ---------------------------------------------------------------
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once (a syscall) per connection."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        """The peer's address, once per connection."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     # -- where are we in the request? ----------------------------------------
 
@@ -117,19 +134,59 @@ class EchoHTTPChannel(http.HTTPChannel):
 
     # -- the header deadline ---------------------------------------------------
 
+    @property
+    def deadline(self) -> Deadline | None:
+        """
+        The connection's one timer, shared by the header deadline and the
+        body deadline of the request being read (they never overlap in
+        HTTP/1.1); L{None} before the channel has a site.
+        """
+        if self._deadline is None and self.site is not None:
+            self._deadline = Deadline(self.site.reactor)
+        return self._deadline
+
     def _arm_header_deadline(self) -> None:
-        if self._header_call is None and self.site is not None:
-            timeout = _limits_of(self.site).header_timeout
-            self._header_call = self.site.reactor.callLater(timeout, self._headers_too_slow)
+        deadline = self.deadline
+        if deadline is not None and not deadline.due(self._headers_too_slow):
+            deadline.set_in(_limits_of(self.site).header_timeout, self._headers_too_slow)
 
     def cancel_deadlines(self) -> None:
-        """Stop the header clock (the connection closes or becomes HTTP/2)."""
-        if self._header_call is not None and self._header_call.active():
-            self._header_call.cancel()
-        self._header_call = None
+        """Stop every clock (the connection closes or becomes HTTP/2)."""
+        self._stop_request_deadline()
+        if self._idle is not None:
+            self._idle.stop()
+
+    def _stop_request_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.stop()
+
+    # -- the idle timeout ------------------------------------------------------
+
+    # TimeoutMixin's idle timeout, on a lazy L{Deadline}: HTTPChannel turns it
+    # off and on again around every request, which with TimeoutMixin is a
+    # cancel and a callLater per request.
+
+    def setTimeout(self, period: float | None) -> float | None:
+        if self._idle is None:
+            if self.site is None:
+                return cast("float | None", super().setTimeout(period))
+            self._idle = Deadline(self.site.reactor)
+        previous = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is None:
+            self._idle.clear()
+        else:
+            self._idle.set_in(period, self.timeoutConnection)
+        return cast("float | None", previous)
+
+    def resetTimeout(self) -> None:
+        idle = self._idle
+        if idle is None:
+            super().resetTimeout()
+        elif idle.when is not None and self.timeOut is not None:
+            idle.set_in(self.timeOut, self.timeoutConnection)
 
     def _headers_too_slow(self) -> None:
-        self._header_call = None
         self._reject(http.REQUEST_TIMEOUT, "headers not received in time")
 
     def connectionMade(self) -> None:
@@ -178,7 +235,9 @@ class EchoHTTPChannel(http.HTTPChannel):
         super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
-        self.cancel_deadlines()
+        if self._deadline is not None:
+            # Cleared, not cancelled: the next request re-arms the same timer.
+            self._deadline.clear(self._headers_too_slow)
         super().allHeadersReceived()
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -206,7 +265,7 @@ class EchoHTTPChannel(http.HTTPChannel):
         if self._rejected:
             return
         self._rejected = True
-        self.cancel_deadlines()
+        self._stop_request_deadline()
         peer = self.transport.getPeer() if self.transport is not None else None
         _log.info(
             "closing connection from {peer}: {why} ({status})",

@@ -14,6 +14,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 #: Seconds a client has to deliver a request's line and headers, counted from
 #: the connection's first byte (TLS handshake included) for its first request
@@ -81,6 +84,84 @@ class Limits:
         if self.body_min_rate <= 0:
             return float("inf")
         return started + self.body_timeout + received / self.body_min_rate
+
+
+#: A deadline's timer may fire this early (float rounding of the clock) and
+#: still count as expired, rather than re-arming for a microsecond.
+_SLACK = 0.001
+
+
+class Deadline:
+    """
+    A moment after which a callback runs, cheap to move and to clear.
+
+    Header and body deadlines are set and cleared for every request, and a
+    C{callLater} plus C{cancel} per request costs more than the rest of the
+    bookkeeping.  A L{Deadline} keeps at most one timer: setting a later moment
+    only records it, and clearing leaves the timer to find nothing to do; when
+    the timer fires early it re-arms itself for the recorded moment.  So a
+    busy keep-alive connection touches the reactor's timer queue about once
+    per timeout instead of twice per request.  L{stop} cancels the timer (a
+    closed connection must leave no timer behind).
+
+    @ivar when: the moment (on C{clock}) the callback is due, or L{None}.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self.when: float | None = None
+        self._expired: Callable[[], Any] | None = None
+        self._call: IDelayedCall | None = None
+        self._call_at = 0.0
+
+    def set(self, when: float, expired: Callable[[], Any]) -> None:
+        """Run C{expired} at C{when}, replacing whatever was due."""
+        self.when = when
+        self._expired = expired
+        if self._call is not None:
+            if self._call_at <= when:
+                return
+            self._call.cancel()
+        self._schedule(when)
+
+    def set_in(self, seconds: float, expired: Callable[[], Any]) -> None:
+        """Run C{expired} C{seconds} from now, replacing whatever was due."""
+        self.set(self._clock.seconds() + seconds, expired)
+
+    def due(self, expired: Callable[[], Any]) -> bool:
+        """Whether C{expired} is the callback now due."""
+        return self.when is not None and self._expired == expired
+
+    def clear(self, expired: Callable[[], Any] | None = None) -> None:
+        """Nothing is due any more (only if C{expired} is the one due, when given)."""
+        if expired is None or self._expired == expired:
+            self.when = None
+            self._expired = None
+
+    def stop(self) -> None:
+        """Clear, and cancel the timer."""
+        self.clear()
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _schedule(self, when: float) -> None:
+        self._call_at = when
+        self._call = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        if self.when is None:
+            return
+        if self.when > self._clock.seconds() + _SLACK:
+            self._schedule(self.when)
+            return
+        expired = self._expired
+        self.when = None
+        self._expired = None
+        if expired is not None:
+            expired()
 
 
 def parse_rate(text: str) -> float:

@@ -21,10 +21,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from echotwist.limits import FailureLimiter, Limits
+from echotwist.limits import Deadline, FailureLimiter, Limits
 from echotwist.peers import describe_peer, peer_host
 from echotwist.tokens import TokenChecker, presented_token
 
@@ -62,6 +63,24 @@ _REASONS = {
 #: of a connection reset; then the connection is closed.
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 1024 * 1024
+
+
+#: The HTTP-date of the current second, as C{(second, value)}.
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """
+    The C{Date} header's value for now: formatted once per second, not once
+    per request (the header has a resolution of one second anyway).
+    """
+    global _date_cache
+    now = int(time.time())
+    second, value = _date_cache
+    if second != now:
+        value = datetimeToString(now)
+        _date_cache = (now, value)
+    return value
 
 
 def refusal_body(status: int) -> bytes:
@@ -122,10 +141,15 @@ class EchoResource(Resource):
             return http.NOT_FOUND
         if method != b"POST":
             return http.NOT_ALLOWED
-        host = peer_host(peer) if peer is not None else None
-        if self.limiter is not None and host is not None and self.limiter.blocked(host):
-            return TOO_MANY_REQUESTS
+        # The peer's host is worked out only where it is needed: a limiter, or a failure.
+        host = None
+        if self.limiter is not None and peer is not None:
+            host = peer_host(peer)
+            if self.limiter.blocked(host):
+                return TOO_MANY_REQUESTS
         if not self.checker.authorized(headers):
+            if host is None and peer is not None:
+                host = peer_host(peer)
             self._failed(headers, peer, host)
             return http.UNAUTHORIZED
         if length is not None and length > self.max_body:
@@ -148,7 +172,7 @@ class EchoResource(Resource):
 
     def render(self, request: server.Request) -> bytes:
         """Echo the body, or refuse with the status L{early_status} gives."""
-        content = cast(IO[bytes], request.content)
+        content = cast("IO[bytes]", request.content)
         content.seek(0, 2)
         length = content.tell()
         status = self.early_status(
@@ -232,14 +256,15 @@ class EchoRequest(server.Request):
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
-        self._http1 = isinstance(channel, http.HTTPChannel)
+        self._http1 = isinstance(channel, HTTPChannel)
         self.started = time.monotonic()
         self.early: int | None = None
         self.body_received = 0
         self._answered = False
         self._registered = self._is_http1
         self._linger: IDelayedCall | None = None
-        self._body_call: IDelayedCall | None = None
+        self._body_deadline: Deadline | None = None
+        self._own_deadline = False
         self._body_started = 0.0
 
     # -- decisions ---------------------------------------------------------
@@ -315,12 +340,12 @@ class EchoRequest(server.Request):
         if self.early is None and self.body_received > self._resource().max_body:
             self._refuse_midway(http.REQUEST_ENTITY_TOO_LARGE)
         if self.content is not None:  # an HTTP/2 refusal finishes the request at once
-            cast(IO[bytes], self.content).write(data)
+            cast("IO[bytes]", self.content).write(data)
 
     def _refuse_midway(self, status: int) -> None:
         """Refuse a request that was accepted at its headers, dropping what it sent."""
         self.early = status
-        cast(IO[bytes], self.content).close()
+        cast("IO[bytes]", self.content).close()
         self.content = _Discard()
         self._refuse_now()
 
@@ -329,24 +354,36 @@ class EchoRequest(server.Request):
     def _start_body_clock(self) -> None:
         if self._limits().body_min_rate <= 0:
             return
-        clock = self._clock()
-        self._body_started = clock.seconds()
-        self._body_call = clock.callLater(self._limits().body_timeout, self._check_body_rate)
+        # An HTTP/1.1 channel lends its connection timer (its header deadline
+        # is over); an HTTP/2 stream's request has a timer of its own.
+        shared = getattr(self.channel, "deadline", None) if self._is_http1 else None
+        if isinstance(shared, Deadline):
+            self._body_deadline, self._own_deadline = shared, False
+        else:
+            self._body_deadline, self._own_deadline = Deadline(self._clock()), True
+        self._body_started = self._clock().seconds()
+        self._body_deadline.set(
+            self._body_started + self._limits().body_timeout, self._check_body_rate
+        )
 
     def _stop_body_clock(self) -> None:
-        if self._body_call is not None and self._body_call.active():
-            self._body_call.cancel()
-        self._body_call = None
+        deadline = self._body_deadline
+        if deadline is not None:
+            self._body_deadline = None
+            if self._own_deadline:
+                deadline.stop()
+            else:
+                deadline.clear(self._check_body_rate)
 
     def _check_body_rate(self) -> None:
-        self._body_call = None
         if self.finished or self._answered or self._disconnected:
+            self._stop_body_clock()
             return
         clock = self._clock()
         deadline = self._limits().body_deadline(self._body_started, self.body_received)
         now = clock.seconds()
-        if now < deadline:
-            self._body_call = clock.callLater(deadline - now, self._check_body_rate)
+        if now < deadline and self._body_deadline is not None:
+            self._body_deadline.set(deadline, self._check_body_rate)
             return
         _limits_log.info(
             "request body from {peer} too slow: {received} bytes in {seconds:.1f}s",
@@ -405,7 +442,7 @@ class EchoRequest(server.Request):
 
     def _write_head_defaults(self) -> None:
         self.setHeader(b"server", SERVER_NAME)
-        self.setHeader(b"date", http.datetimeToString())
+        self.setHeader(b"date", http_date())
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The whole body is in (an HTTP/2 stream answered early is already done)."""

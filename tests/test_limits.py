@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from echotwist.limits import FailureLimiter, Limits, max_connections_for, parse_rate
+from echotwist.limits import Deadline, FailureLimiter, Limits, max_connections_for, parse_rate
 from echotwist.service import Options
 from tests.support import InMemoryHTTP, dev_certs, parse_response, raw_request
 
@@ -132,3 +133,90 @@ class InMemoryDeadlineTests(TestCase):
         server = self.server()
         raw = server.feed(b"POST /echo HTTP/1.2\r\nHost: x\r\n\r\n")
         self.assertEqual(parse_response(raw).status, 505)
+
+
+class DeadlineTests(TestCase):
+    """The lazy timer behind the header, body and idle deadlines."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.fired: list[float] = []
+        self.deadline = Deadline(self.clock)
+
+    def expired(self) -> None:
+        self.fired.append(self.clock.seconds())
+
+    def test_runs_at_the_moment_set(self) -> None:
+        self.deadline.set_in(5, self.expired)
+        self.clock.advance(4.9)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [5.0])
+        self.assertIsNone(self.deadline.when)
+
+    def test_moving_it_later_keeps_one_timer_and_runs_at_the_new_moment(self) -> None:
+        self.deadline.set_in(5, self.expired)
+        for _ in range(3):
+            self.clock.advance(2)
+            self.deadline.set_in(5, self.expired)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(4.9)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [11.0])
+
+    def test_moving_it_earlier_runs_at_the_earlier_moment(self) -> None:
+        self.deadline.set_in(10, self.expired)
+        self.deadline.set_in(2, self.expired)
+        self.clock.advance(2)
+        self.assertEqual(self.fired, [2.0])
+        self.clock.advance(20)
+        self.assertEqual(self.fired, [2.0])
+
+    def test_cleared_it_runs_nothing(self) -> None:
+        self.deadline.set_in(5, self.expired)
+        self.deadline.clear()
+        self.clock.advance(10)
+        self.assertEqual(self.fired, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_clear_for_another_callback_leaves_it_due(self) -> None:
+        self.deadline.set_in(5, self.expired)
+        self.deadline.clear(lambda: None)
+        self.clock.advance(5)
+        self.assertEqual(self.fired, [5.0])
+
+    def test_stop_leaves_no_timer(self) -> None:
+        self.deadline.set_in(5, self.expired)
+        self.deadline.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class KeepAliveTimerTests(TestCase):
+    def test_requests_on_a_keep_alive_connection_schedule_no_new_timers(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        server.feed(raw_request(b"x", TOKEN))
+        calls = set(server.clock.getDelayedCalls())
+        for _ in range(20):
+            server.clock.advance(0.1)
+            self.assertEqual(parse_response(server.feed(raw_request(b"y", TOKEN))).body, b"y")
+        self.assertEqual(set(server.clock.getDelayedCalls()), calls)
+        self.assertLessEqual(len(calls), 2)
+
+    def test_closing_leaves_no_timer(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        server.feed(raw_request(b"x", TOKEN) + b"POST /echo HTTP/1.1\r\n")
+        server.close()
+        self.assertEqual(server.clock.getDelayedCalls(), [])
+
+    def test_idle_timeout_still_closes_an_idle_connection(self) -> None:
+        server = InMemoryHTTP(TOKEN, timeout=10)
+        self.addCleanup(server.close)
+        server.feed(raw_request(b"x", TOKEN))
+        server.clock.advance(9)
+        server.feed(raw_request(b"y", TOKEN))
+        server.clock.advance(9)
+        self.assertFalse(server.transport.disconnecting)
+        server.clock.advance(2)
+        self.assertTrue(server.transport.disconnecting)
