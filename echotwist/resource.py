@@ -14,20 +14,35 @@ Bodies are bytes from end to end: never decoded, never formatted.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import IO, Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from echotwist.limits import Deadline, FailureLimiter, Limits
 from echotwist.peers import describe_peer, peer_host
 from echotwist.tokens import TokenChecker, presented_token
+
+#: Bodies up to this size are kept in memory and echoed with one write; larger
+#: ones (and chunked ones, whose size is unknown) are spooled to a temporary
+#: file and streamed back from it.  Twisted's own threshold is 100 kB: below a
+#: megabyte a file costs more (syscalls, a copy out again) than the memory.
+MEMORY_BODY_MAX = 1024 * 1024
+#: At most this many bytes of bodies are held in memory at once, across every
+#: request of a site; a body that would go over is spooled to a file instead.
+MEMORY_BODIES_BUDGET = 32 * 1024 * 1024
+#: Bytes read from a spooled body per write: large enough that the per-write
+#: overhead (a Python round trip through the producer, request, channel and TLS)
+#: is small; small enough that 8 concurrent echoes of 16 MiB stay within a few MiB.
+STREAM_CHUNK = 256 * 1024
 
 ECHO_PATH = b"/echo"
 SERVER_NAME = b"echotwist"
@@ -110,11 +125,30 @@ class EchoResource(Resource):
         checker: TokenChecker,
         max_body: int = DEFAULT_MAX_BODY,
         limiter: FailureLimiter | None = None,
+        memory_budget: int = MEMORY_BODIES_BUDGET,
     ) -> None:
         super().__init__()
         self.checker = checker
         self.max_body = max_body
         self.limiter = limiter
+        self.memory_budget = memory_budget
+        self.memory_in_use = 0
+
+    def reserve_memory(self, length: int | None) -> bool:
+        """
+        Whether a body of C{length} bytes may be kept in memory; if so, its
+        bytes count against the budget until L{release_memory}.
+        """
+        if length is None or length > MEMORY_BODY_MAX:
+            return False
+        if self.memory_in_use + length > self.memory_budget:
+            return False
+        self.memory_in_use += length
+        return True
+
+    def release_memory(self, length: int) -> None:
+        """Give back what L{reserve_memory} took for a body."""
+        self.memory_in_use -= length
 
     def early_status(
         self,
@@ -170,23 +204,88 @@ class EchoResource(Resource):
                     host=host,
                 )
 
-    def render(self, request: server.Request) -> bytes:
-        """Echo the body, or refuse with the status L{early_status} gives."""
-        content = cast("IO[bytes]", request.content)
-        content.seek(0, 2)
-        length = content.tell()
+    def render(self, request: server.Request) -> bytes | int:
+        """
+        Echo the body, or refuse with the status L{early_status} gives.
+
+        A body of up to L{MEMORY_BODY_MAX} bytes is written back at once; a
+        larger one, spooled to a file, is streamed back from it by a pull
+        producer, so a 16 MiB echo never holds more than a chunk in memory.
+        """
+        content = request.content
+        in_memory = isinstance(content, _InMemoryBody)
+        if in_memory:
+            body = cast(_InMemoryBody, content).getvalue()
+            length = len(body)
+        else:
+            spool = cast("IO[bytes]", content)
+            spool.seek(0, 2)
+            length = spool.tell()
         status = self.early_status(
             request.method, request.uri, request.requestHeaders, length, request.getClientAddress()
         )
         if status is not None:
             return refuse(request, status)
-        content.seek(0)
-        body = content.read()
         content_type = request.requestHeaders.getRawHeaders(b"content-type")
         request.setHeader(
             b"content-type", content_type[0] if content_type else DEFAULT_CONTENT_TYPE
         )
-        return body
+        if in_memory:
+            return body
+        spool.seek(0)
+        if length <= MEMORY_BODY_MAX:
+            return spool.read()
+        request.setHeader(b"content-length", b"%d" % length)
+        _SpoolProducer(request, spool).start()
+        return server.NOT_DONE_YET
+
+
+@implementer(IPushProducer)
+class _SpoolProducer:
+    """
+    Streams a spooled body back to its request, L{STREAM_CHUNK} bytes per
+    write for as long as the transport takes them, then finishes the request.
+
+    A push producer: it writes until the transport says its buffer is full
+    (C{pauseProducing}, called from inside a write) and carries on when it has
+    drained.  Twisted's pull-producer route (L{NoRangeStaticProducer}) goes
+    through a L{Cooperator} and a reactor timer per chunk instead.
+    """
+
+    def __init__(self, request: server.Request, spool: IO[bytes]) -> None:
+        self._request: server.Request | None = request
+        self._spool = spool
+        self._paused = False
+        self._writing = False
+
+    def start(self) -> None:
+        assert self._request is not None
+        self._request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._writing:
+            return  # called back from inside our own write: the loop carries on
+        self._writing = True
+        try:
+            while not self._paused and self._request is not None:
+                data = self._spool.read(STREAM_CHUNK)
+                if data:
+                    self._request.write(data)
+                else:
+                    request, self._request = self._request, None
+                    request.unregisterProducer()
+                    request.finish()
+        finally:
+            self._writing = False
+
+    def stopProducing(self) -> None:
+        """The connection went away: write no more (the request closes the file)."""
+        self._request = None
 
 
 def refuse(request: server.Request, status: int) -> bytes:
@@ -202,6 +301,48 @@ def refuse(request: server.Request, status: int) -> bytes:
     body = refusal_body(status)
     request.setHeader(b"content-length", b"%d" % len(body))
     return body
+
+
+class _InMemoryBody:
+    """
+    A small body kept as the chunks it arrived in: storing a chunk is an
+    append, and the whole body is joined once, when it is echoed (a
+    L{BytesIO} copies every chunk in and re-copies as it grows).  File-like
+    enough for what Twisted does with C{request.content}.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._pos = 0
+
+    def write(self, data: bytes) -> int:
+        self._chunks.append(data)
+        self._size += len(data)
+        self._pos = self._size
+        return len(data)
+
+    def getvalue(self) -> bytes:
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, min(self._size, base + offset))
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._size if size < 0 else min(self._size, self._pos + size)
+        data = self.getvalue()[self._pos : end]
+        self._pos = end
+        return data
+
+    def close(self) -> None:
+        self._chunks = []
 
 
 class _Discard:
@@ -265,6 +406,9 @@ class EchoRequest(server.Request):
         self._linger: IDelayedCall | None = None
         self._body_deadline: Deadline | None = None
         self._own_deadline = False
+        #: Bytes reserved in the resource's memory budget for this body.
+        self._in_memory = 0
+        self._echo: EchoResource = self._resource()
         self._body_started = 0.0
 
     # -- decisions ---------------------------------------------------------
@@ -275,7 +419,11 @@ class EchoRequest(server.Request):
         return self._http1
 
     def _resource(self) -> EchoResource:
-        return cast(EchoResource, self._channel.site.resource)
+        # Kept from construction: a finished request no longer has a channel.
+        echo = self.__dict__.get("_echo")
+        if echo is None:
+            echo = cast(EchoResource, self._channel.site.resource)
+        return echo
 
     def _limits(self) -> Limits:
         return cast(Limits, getattr(self._channel.site, "limits", None) or Limits())
@@ -314,18 +462,34 @@ class EchoRequest(server.Request):
             if not self._is_http1:
                 # HTTP/2 has already called gotLength: drop what it prepared.
                 self.content = _Discard()
+                self._release_memory()
             return
         body_expected = self.channel.length != 0 if self._is_http1 else length != 0
         if body_expected:
             self._start_body_clock()
 
     def gotLength(self, length: int | None) -> None:
-        """Store the body only for a request we mean to answer."""
+        """
+        Store the body only for a request we mean to answer: in memory when
+        it is small and the site's budget allows, else in a temporary file.
+        """
         if self.early is not None:
             self.content = _Discard()
             self._refuse_now()
+        elif length is not None and self._resource().reserve_memory(length):
+            self._in_memory = length
+            self.content = _InMemoryBody()
+        elif length is None and self._resource().reserve_memory(MEMORY_BODY_MAX):
+            # Chunked: in memory while it stays small, a file once it grows.
+            self._in_memory = MEMORY_BODY_MAX
+            self.content = tempfile.SpooledTemporaryFile(max_size=MEMORY_BODY_MAX)
         else:
-            super().gotLength(length)
+            self.content = tempfile.TemporaryFile()
+
+    def _release_memory(self) -> None:
+        if self._in_memory:
+            self._resource().release_memory(self._in_memory)
+            self._in_memory = 0
 
     def stream_registered(self) -> None:
         """HTTP/2: the connection now knows this stream, so it can be answered."""
@@ -347,6 +511,7 @@ class EchoRequest(server.Request):
         self.early = status
         cast("IO[bytes]", self.content).close()
         self.content = _Discard()
+        self._release_memory()
         self._refuse_now()
 
     # -- the body clock ----------------------------------------------------
@@ -474,10 +639,12 @@ class EchoRequest(server.Request):
         self._cancel_linger()
         self._stop_body_clock()
         super().finish()
+        self._release_memory()
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_linger()
         self._stop_body_clock()
+        self._release_memory()
         if self._answered and not self.finished:
             # A refused client that hung up before its body ended: still one
             # access-log line for it.

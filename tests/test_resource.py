@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import TestCase
 
-from echotwist.resource import EchoResource
+from echotwist.resource import MEMORY_BODY_MAX, EchoResource
 from echotwist.tokens import TokenChecker
 from tests.support import InMemoryHTTP, parse_response, raw_request
 
@@ -192,3 +192,95 @@ class EarlyStatusTests(TestCase):
         self.assertEqual(status(b"POST", b"/echo", self.none, 99), 401)
         self.assertEqual(status(b"POST", b"/echo", self.good, 11), 413)
         self.assertIsNone(status(b"POST", b"/echo", self.good, None))
+
+
+class LargeBodyTests(TestCase):
+    """Bodies above the in-memory size are spooled and streamed back from the file."""
+
+    def stream(self, server: InMemoryHTTP, request: bytes) -> bytes:
+        # A StringTransport never pushes back: the whole body streams at once.
+        return server.feed(request)
+
+    def test_large_body_is_streamed_back_byte_for_byte_with_its_length(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        body = bytes(range(256)) * (3 * MEMORY_BODY_MAX // 256 + 7)
+        response = parse_response(self.stream(server, raw_request(body, TOKEN)))
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-length"), b"%d" % len(body))
+        self.assertEqual(response.body, body)
+
+    def test_keep_alive_carries_on_after_a_streamed_body(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        body = b"z" * (MEMORY_BODY_MAX + 1)
+        self.stream(server, raw_request(body, TOKEN))
+        self.assertEqual(parse_response(server.feed(raw_request(b"next", TOKEN))).body, b"next")
+
+    def test_large_chunked_body_is_echoed(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        chunk = b"c" * 65536
+        count = MEMORY_BODY_MAX // len(chunk) + 2
+        request = (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nToken: " + TOKEN.encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (len(chunk), chunk) * count
+            + b"0\r\n\r\n"
+        )
+        response = parse_response(self.stream(server, request))
+        self.assertEqual(response.body, chunk * count)
+
+    def test_memory_budget_is_given_back(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        resource = server.site.resource
+        head = raw_request(b"", TOKEN).replace(b"Content-Length: 0", b"Content-Length: 1000")
+        server.feed(head + b"x" * 10)
+        self.assertEqual(resource.memory_in_use, 1000)
+        server.feed(b"x" * 990)
+        self.assertEqual(resource.memory_in_use, 0)
+
+    def test_bodies_past_the_budget_go_to_a_file_and_still_echo(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        resource = server.site.resource
+        resource.memory_budget = 100
+        body = b"b" * 500
+        self.assertFalse(resource.reserve_memory(len(body)))
+        self.assertEqual(parse_response(self.stream(server, raw_request(body, TOKEN))).body, body)
+        self.assertEqual(resource.memory_in_use, 0)
+
+    def test_streaming_stops_while_the_transport_is_full(self) -> None:
+        from io import BytesIO
+
+        from echotwist.resource import STREAM_CHUNK, _SpoolProducer
+
+        class Request:
+            producer = None
+            finished = False
+
+            def __init__(self) -> None:
+                self.written: list[bytes] = []
+
+            def registerProducer(self, producer, streaming) -> None:
+                self.producer = producer
+
+            def unregisterProducer(self) -> None:
+                self.producer = None
+
+            def write(self, data: bytes) -> None:
+                self.written.append(data)
+                self.producer.pauseProducing()  # the buffer is full after every chunk
+
+            def finish(self) -> None:
+                self.finished = True
+
+        request = Request()
+        body = b"s" * (2 * STREAM_CHUNK + 1)
+        _SpoolProducer(request, BytesIO(body)).start()  # type: ignore[arg-type]
+        self.assertEqual(len(request.written), 1)
+        for _ in range(3):
+            request.producer.resumeProducing()
+        self.assertEqual(b"".join(request.written), body)
+        self.assertTrue(request.finished)
