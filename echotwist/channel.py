@@ -308,8 +308,26 @@ class EchoH2Connection(H2Connection):
 
     def __init__(self, reactor: Any = None) -> None:
         super().__init__(reactor)
+        # Our own response headers need no checking by h2 (they are Twisted's,
+        # already validated); inbound validation stays on.  Normalisation
+        # stays on too: it lowercases Twisted's Title-Case names for HTTP/2.
+        self.conn.config.validate_outbound_headers = False
         self._header_call: IDelayedCall | None = None
         self._seen_request = False
+        self._host: Any = None
+        self._peer: Any = None
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once (a syscall) per connection."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        """The peer's address, once per connection."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     # -- the header deadline ---------------------------------------------------
 
