@@ -1,11 +1,14 @@
 """
-The Site: connection-level settings and the access log.
+The Site: connection-level settings, open connections and the access log.
 
 One access-log line per request goes through L{twisted.logger} with structured
 fields (peer, method, path, status, bytes in and out, duration), so it lands
 wherever twistd sends logs (C{--logfile}, or stdout under C{-n}).  The token and
 the body are never logged: the path is logged without its query string, and no
 header is.
+
+Every connection is registered with the site's L{ConnectionTracker}, the one
+place that knows what is open, so a stopping service can drain it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import IResource
 
+from echotwist.drain import ConnectionTracker, tracked_channel_factory
 from echotwist.resource import EchoRequest
 
 DEFAULT_TIMEOUT = 60.0
@@ -39,13 +43,19 @@ class EchoSite(server.Site):
     """A Site that serves one resource with L{EchoRequest}s and logs each request."""
 
     access_log = Logger(namespace="echotwist.access")
+    protocol = tracked_channel_factory
 
     def __init__(
         self,
         resource: IResource,
         timeout: float = DEFAULT_TIMEOUT,
         reactor: IReactorTime | None = None,
+        worker: int | None = None,
     ) -> None:
+        """
+        @param worker: in C{--workers} mode, this process's id: every response
+            says which worker served it (C{X-Echotwist-Worker}).
+        """
         # Bodies are echoed, never parsed as forms.
         super().__init__(
             resource,
@@ -55,6 +65,17 @@ class EchoSite(server.Site):
             reactor=reactor,
         )
         self.displayTracebacks = False
+        self.tracker = ConnectionTracker()
+        self.worker = worker
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers every response of this site carries, besides the defaults."""
+        headers = []
+        if self.worker is not None:
+            headers.append((b"x-echotwist-worker", b"%d" % self.worker))
+        if self.tracker.draining:
+            headers.append((b"connection", b"close"))
+        return headers
 
     def log(self, request: Any) -> None:
         """Emit the access-log line for a finished (or abandoned) request."""
