@@ -43,9 +43,11 @@ class TrackedChannel(_GenericHTTPChannelProtocol):
     tracker: ConnectionTracker
     _closing = False
 
-    def connectionMade(self) -> None:
+    def makeConnection(self, transport: Any) -> None:
+        # The proxy hands makeConnection straight to the inner channel, so
+        # its own connectionMade would never run: register here.
         self.tracker.add(self)
-        super().connectionMade()
+        super().makeConnection(transport)
 
     def connectionLost(self, reason: Any) -> None:
         try:
@@ -78,7 +80,12 @@ class TrackedChannel(_GenericHTTPChannelProtocol):
             # once the last stream is done.
             channel.conn.close_connection()
             channel._tryToWriteControlData()
-        channel.transport.loseConnection()
+            # A TLS transport does not close while a producer is registered.
+            channel.transport.unregisterProducer()  # type: ignore[attr-defined]
+            channel.transport.loseConnection()
+        else:
+            # Unregisters the channel as the transport's producer, then closes.
+            channel.loseConnection()
 
     def abort(self) -> None:
         """The grace period is over: drop the connection."""

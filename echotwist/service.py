@@ -211,11 +211,8 @@ class EchoServerService(StreamServerEndpointService):
         self._port = port
         number = port.getHost().port  # type: ignore[attr-defined]
         if self._site.worker is not None:
-            self.log.info(
-                "worker {worker} accepting connections on port {port}",
-                worker=self._site.worker,
-                port=number,
-            )
+            # The parent prefixes "[worker PID]" when it relays this.
+            self.log.info("ready: accepting connections on port {port}", port=number)
             return port
         self.log.info("echotwist listening on https://localhost:{port}/echo", port=number)
         if self._cafile is not None:
