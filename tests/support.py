@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 from twisted.internet import endpoints, reactor
@@ -28,7 +29,13 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseNeverReceived,
+    readBody,
+)
 
 from echotwist import certs, tls, tokens
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -583,3 +590,82 @@ def read_response(sock: ssl.SSLSocket, limit: int = 1 << 20) -> Response:
             break
         data += chunk
     raise AssertionError(f"no complete response in {data!r}")
+
+
+# -- load through a balancer ------------------------------------------------------------
+
+
+def client_has_load() -> bool:
+    """Whether this checkout's C{echotwist-client} has the C{load} command yet."""
+    done = subprocess.run([CLIENT, "load", "--help"], capture_output=True, timeout=30, check=False)
+    return done.returncode == 0
+
+
+async def agent_load(
+    case: TestCase,
+    url: str,
+    token: str,
+    cafile: Path,
+    clients: int,
+    requests: int,
+    deadline: float = 60.0,
+) -> dict:
+    """
+    A bounded stand-in for C{echotwist-client load}: C{requests} unique
+    payloads over C{clients} keep-alive connections, each answer verified.  A
+    request whose connection the server closed before answering is resent on a
+    new one (at most twice) and counted in C{retries}.  Returns the summary
+    keys of C{load --json} that the tests read.
+    """
+
+    from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+
+    from echotwist.client.send import echo_url, request_headers
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = clients
+    pool.retryAutomatically = False
+    case.addCleanup(pool.closeCachedConnections)
+    agent = Agent(reactor, contextFactory=tls.client_policy(cafile, False), pool=pool)
+    target = echo_url(url)
+    summary: dict = {"requests": requests, "verified": 0, "mismatched": 0, "failed": {}}
+    summary["retries"] = 0
+    gate = DeferredSemaphore(clients)
+    end = time.monotonic() + deadline
+
+    async def one(n: int) -> None:
+        body = b"%d:" % n + os.urandom(24).hex().encode()
+        for attempt in range(3):
+            if time.monotonic() > end:
+                summary["failed"]["deadline"] = summary["failed"].get("deadline", 0) + 1
+                return
+            try:
+                d = agent.request(
+                    b"POST", target, request_headers(token), FileBodyProducer(BytesIO(body))
+                )
+                d.addTimeout(10, reactor)
+                response = await d
+                received = await readBody(response)
+            except ResponseNeverReceived:
+                if attempt < 2:
+                    summary["retries"] += 1
+                    continue
+                cause = "never-answered"
+            except Exception as e:  # a failure to count by its cause
+                cause = type(e).__name__
+            else:
+                if response.code == 200 and received == body:
+                    summary["verified"] += 1
+                else:
+                    summary["mismatched"] += 1
+                return
+            summary["failed"][cause] = summary["failed"].get(cause, 0) + 1
+            return
+
+    started = time.monotonic()
+    await gatherResults(
+        [gate.run(lambda n=n: Deferred.fromCoroutine(one(n))) for n in range(requests)]
+    )
+    summary["elapsed_s"] = time.monotonic() - started
+    summary["rps"] = requests / summary["elapsed_s"]
+    return summary
