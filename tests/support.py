@@ -336,6 +336,7 @@ def start_twistd(
     except AssertionError:
         server.stop(signal.SIGKILL)
         raise AssertionError("twistd did not start:\n" + server.text) from None
+    _handshake(server.port, server.cafile)
     return server
 
 
@@ -485,7 +486,16 @@ def start_daemon(case: TestCase, *args: str, deadline: float = 30.0) -> Daemon:
     found = _LISTENING.search(daemon.log())
     assert found is not None
     daemon.port = int(found.group(1))
+    _handshake(daemon.port, daemon.cafile)
     return daemon
+
+
+def _handshake(port: int, cafile: Path) -> None:
+    """
+    Complete one TLS handshake: the port is logged before twistd's reactor
+    runs (and installs its SIGTERM handler), a handshake needs it running.
+    """
+    tls_socket(port, cafile).close()
 
 
 # -- raw TLS and HTTP/2 -------------------------------------------------------------
