@@ -85,7 +85,7 @@ def _seconds(name: str):  # type: ignore[no-untyped-def]
 class Options(usage.Options):
     """Command-line options of C{twistd echo}."""
 
-    synopsis = "[twistd options] echo --port PORT [options]"
+    synopsis = "--port PORT [options]"
     longdesc = (
         "Serve POST /echo over HTTPS (HTTP/1.1 and HTTP/2): a request with the "
         "token gets its body back byte for byte.  The token is printed at start-up "
@@ -105,7 +105,7 @@ class Options(usage.Options):
             "interface",
             "i",
             "::",
-            "Address to listen on (default: every IPv4 and IPv6 address).",
+            "Address to listen on (:: = every IPv4 and IPv6 address).",
         ],
         ["cert", None, None, "PEM certificate (chain) to serve, with --key."],
         ["key", None, None, "PEM private key for --cert."],
@@ -120,7 +120,7 @@ class Options(usage.Options):
             "max-body",
             None,
             DEFAULT_MAX_BODY,
-            f"Largest request body in bytes (default {DEFAULT_MAX_BODY}, 64 MiB).",
+            "Largest request body in bytes (64 MiB; bigger bodies get 413).",
             _positive_int("max-body"),
         ],
         [
@@ -160,6 +160,12 @@ class Options(usage.Options):
             self["token"] = tokens.server_token()
         except tokens.TokenError as e:
             raise usage.UsageError(str(e)) from None
+        if self["token-file"]:
+            try:
+                tokens.write_token_file(self["token-file"], self["token"])
+            except OSError as e:
+                msg = f"cannot write --token-file {self['token-file']}: {e.strerror or e}"
+                raise usage.UsageError(msg) from None
         self["cafile"] = None
         if self["cert"] is None:
             try:
@@ -259,11 +265,6 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     token: str = options["token"]
-    if options["token-file"]:
-        try:
-            tokens.write_token_file(options["token-file"], token)
-        except OSError as e:
-            raise usage.UsageError(f"cannot write --token-file: {e}") from None
     print(f"Authentication token: {token}", flush=True)
     if options["cafile"] is not None:
         print(f"Trust this CA in clients: {options['cafile']}", flush=True)

@@ -36,6 +36,8 @@ from twisted.web.client import (
     ResponseNeverReceived,
     readBody,
 )
+from twisted.web.resource import IResource
+from twisted.web.server import Site
 
 from echotwist import certs, tls, tokens
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -56,10 +58,13 @@ def scratch_dir(case: TestCase) -> Path:
 
 
 def dev_certs() -> certs.CertPaths:
-    """One development CA and server certificate for the whole test run."""
+    """
+    One development CA and server certificate for the whole test run, made in
+    the working directory (under pytest, the session's scratch directory).
+    """
     global _cert_dir
     if _cert_dir is None:
-        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-"))
+        _cert_dir = Path(tempfile.mkdtemp(prefix="echotwist-certs-", dir=os.getcwd()))
     return certs.ensure_dev_certs(_cert_dir)
 
 
@@ -79,7 +84,7 @@ class LiveServer:
 
     token: str
     port: int
-    site: EchoSite
+    site: Site
     listening: IListeningPort
     cafile: Path
 
@@ -92,18 +97,34 @@ class LiveServer:
         return f"https://127.0.0.1:{self.port}"
 
 
-async def start_server(
-    case: TestCase, token: str | None = None, interface: str = "127.0.0.1", **site_args
-) -> LiveServer:
-    """Listen on port 0 with the development certificate; stop at cleanup."""
+async def listen_tls(case: TestCase, site: Site, interface: str = "127.0.0.1") -> IListeningPort:
+    """Serve any Site over the development certificate on port 0; stop at cleanup."""
     paths = dev_certs()
-    token = token or tokens.generate_token()
-    site = make_site(token, **site_args)
     factory = tls.server_context_factory(paths.server_cert, paths.server_key)
     endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, factory, interface=interface)
     listening = await endpoint.listen(site)
     case.addCleanup(listening.stopListening)
-    return LiveServer(token, listening.getHost().port, site, listening, paths.ca_cert)
+    return listening
+
+
+async def start_server(
+    case: TestCase, token: str | None = None, interface: str = "127.0.0.1", **site_args
+) -> LiveServer:
+    """A real echotwist site on port 0 with the development certificate."""
+    token = token or tokens.generate_token()
+    site = make_site(token, **site_args)
+    listening = await listen_tls(case, site, interface)
+    return LiveServer(token, listening.getHost().port, site, listening, dev_certs().ca_cert)
+
+
+async def start_impostor(case: TestCase, resource: IResource) -> LiveServer:
+    """
+    A server that looks like echotwist (same TLS, same port-0 setup) but answers
+    with C{resource}: for tests of a client facing a server that misbehaves.
+    """
+    site = Site(resource)
+    listening = await listen_tls(case, site)
+    return LiveServer("", listening.getHost().port, site, listening, dev_certs().ca_cert)
 
 
 def make_agent(case: TestCase, cafile: Path | None = None, persistent: bool = False) -> Agent:
@@ -299,6 +320,7 @@ def start_twistd(
     cert_dir: Path | None = None,
     deadline: float = 30.0,
     pidfile: Path | None = None,
+    twistd: str = TWISTD,
 ) -> Twistd:
     """
     Start C{twistd -n --pidfile= echo --port 0 --interface 127.0.0.1 ARGS} and
@@ -309,7 +331,7 @@ def start_twistd(
     cert_dir = cert_dir or dev_certs().directory
     cwd = cwd or scratch_dir(case)
     argv = [
-        TWISTD,
+        twistd,
         "-n",
         f"--pidfile={pidfile or ''}",
         "echo",
@@ -495,7 +517,11 @@ def _handshake(port: int, cafile: Path) -> None:
     Complete one TLS handshake: the port is logged before twistd's reactor
     runs (and installs its SIGTERM handler), a handshake needs it running.
     """
-    tls_socket(port, cafile).close()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a liveness probe; verification is tested elsewhere
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    context.wrap_socket(raw).close()
 
 
 # -- raw TLS and HTTP/2 -------------------------------------------------------------
@@ -679,3 +705,20 @@ async def agent_load(
     summary["elapsed_s"] = time.monotonic() - started
     summary["rps"] = requests / summary["elapsed_s"]
     return summary
+
+
+async def run_client_async(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[bytes, bytes, int]:
+    """
+    Run the real C{echotwist-client ARGS} without blocking the reactor, so it
+    can talk to a server running in this process.  Returns (stdout, stderr, code).
+    """
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    full_env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+    full_env.update(env or {})
+    out, err, code = await getProcessOutputAndValue(
+        CLIENT, args, env=full_env, path=str(cwd) if cwd else None
+    )
+    return out, err, code

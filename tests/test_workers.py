@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
+from twisted.web.client import readBody
 
 from echotwist import tokens
 from tests.support import (
@@ -51,28 +52,17 @@ async def serving_workers(case: TestCase, url: str, token: str, want: set[int]) 
         for ok, response in answers:
             if ok:
                 seen.update(int(v) for v in response.headers.getRawHeaders(b"x-echotwist-worker"))
-                response.deliverBody(_Discard())
+                await readBody(response)
         if want <= seen:
             break
     return seen
-
-
-class _Discard:
-    def makeConnection(self, transport: object) -> None:
-        pass
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: object) -> None:
-        pass
 
 
 class WorkerTests(TestCase):
     """N processes serve one listening socket; the parent supervises them."""
 
     async def test_requests_spread_over_two_worker_processes(self) -> None:
-        server = start_twistd(self, "--workers", "2")
+        server = start_twistd(self, "--workers", "2", "--grace", "2")
         server.wait_for_count(READY, 2, 30)
         workers = set(server.worker_pids())
         self.assertEqual(len(workers), 2)
@@ -101,7 +91,7 @@ class WorkerTests(TestCase):
         wait_until(lambda: not any(pid_alive(p) for p in workers), 10, "orphans to exit")
 
     async def test_a_killed_worker_is_logged_and_replaced(self) -> None:
-        server = start_twistd(self, "--workers", "2")
+        server = start_twistd(self, "--workers", "2", "--grace", "2")
         server.wait_for_count(READY, 2, 30)
         victim, survivor = server.worker_pids()
         os.kill(victim, signal.SIGKILL)

@@ -1,0 +1,238 @@
+"""
+End to end: the real C{twistd -n echo} and the real C{echotwist-client}
+commands in subprocesses, checked by their output and exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.resource import Resource
+
+from tests.support import (
+    TWISTD,
+    run_client,
+    run_client_async,
+    start_impostor,
+    start_twistd,
+)
+
+
+class ServerCommandTests(TestCase):
+    def test_prints_token_then_where_it_listens_and_which_ca(self) -> None:
+        server = start_twistd(self)
+        self.assertRegex(server.token, r"\A[0-9a-f]{40}\Z")
+        lines = server.text.splitlines()
+        self.assertEqual(lines[0], f"Authentication token: {server.token}")
+        self.assertIn(f"Trust this CA in clients: {server.cafile}", server.text)
+        self.assertIn(f"listening on https://localhost:{server.port}/echo", server.text)
+
+    def test_each_start_makes_a_new_token(self) -> None:
+        self.assertNotEqual(start_twistd(self).token, start_twistd(self).token)
+
+    def test_environment_token_is_shared(self) -> None:
+        server = start_twistd(self, env={"ECHOTWIST_TOKEN": "shared-secret"})
+        self.assertEqual(server.token, "shared-secret")
+
+    def test_token_file_is_written_0600(self) -> None:
+        path = Path(self.mktemp()).absolute()
+        server = start_twistd(self, "--token-file", str(path))
+        self.assertEqual(path.read_text().strip(), server.token)
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+
+    def test_fresh_directory_gets_certificates_and_client_finds_the_ca(self) -> None:
+        # No --cert-dir: like a fresh clone, certs/ is made in the working dir,
+        # and the client run from there trusts certs/ca.pem by default.
+        cwd = Path(self.mktemp())
+        cwd.mkdir()
+        server = start_twistd(self, "--cert-dir", "certs", cwd=cwd)
+        self.assertTrue((cwd / "certs" / "ca.pem").exists())
+        self.assertEqual(stat.S_IMODE((cwd / "certs" / "server.key").stat().st_mode), 0o600)
+        result = run_client(
+            "send",
+            f"--host={server.url}",
+            "--message=hello world",
+            f"--token={server.token}",
+            cwd=cwd,
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, b"hello world"), result.stderr)
+
+    def test_missing_port_is_a_usage_error(self) -> None:
+        result = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "echo"], capture_output=True, timeout=60, check=False
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(b"--port is required", result.stdout + result.stderr)
+        self.assertNotIn(b"Traceback", result.stdout + result.stderr)
+
+    def test_bad_option_values_are_usage_errors(self) -> None:
+        for args, text in (
+            (["--port", "eighty"], b"whole number"),
+            (["--port", "70000"], b"at most 65535"),
+            (["--port", "0", "--cert", "/nonexistent"], b"--cert and --key go together"),
+            (
+                ["--port", "0", "--cert", "/nonexistent", "--key", "/nonexistent"],
+                b"cannot load --cert",
+            ),
+            (["--port", "0", "--timeout", "0"], b"more than 0"),
+            (["--port", "0", "--token-file", "/nonexistent/dir/token"], b"cannot write"),
+        ):
+            result = subprocess.run(
+                [TWISTD, "-n", "--pidfile=", "echo", *args],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            output = result.stdout + result.stderr
+            self.assertNotEqual(result.returncode, 0, args)
+            self.assertIn(text, output, args)
+            self.assertNotIn(b"Traceback", output, args)
+
+    def test_given_certificate_and_key_are_served(self) -> None:
+        server = start_twistd(self)
+        other = start_twistd(
+            self,
+            "--cert",
+            str(server.cert_dir / "server.pem"),
+            "--key",
+            str(server.cert_dir / "server.key"),
+        )
+        self.assertNotIn("Trust this CA", other.text)
+        result = run_client(
+            "send",
+            f"--host={other.url}",
+            f"--cacert={server.cafile}",
+            "-m",
+            "x",
+            f"--token={other.token}",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class ClientCommandTests(TestCase):
+    def setUp(self) -> None:
+        self.server = start_twistd(self)
+        self.common = [f"--host={self.server.url}", f"--cacert={self.server.cafile}"]
+
+    def test_send_prints_the_echo_and_exits_0(self) -> None:
+        result = run_client(
+            "send", *self.common, "--message=hello world", f"--token={self.server.token}"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, b"hello world")
+        self.assertEqual(result.stderr, b"")
+
+    def test_send_binary_file_from_stdin(self) -> None:
+        payload = bytes(range(256)) * 1000 + b"%s%d\x00"
+        result = run_client(
+            "send",
+            *self.common,
+            "--message-file=-",
+            stdin=payload,
+            env={"ECHOTWIST_TOKEN": self.server.token},
+        )
+        self.assertEqual((result.returncode, result.stdout), (0, payload), result.stderr)
+
+    def test_wrong_token_exits_4(self) -> None:
+        result = run_client("send", *self.common, "-m", "x", "--token=" + "0" * 40)
+        self.assertEqual(result.returncode, 4)
+        self.assertIn(b"401", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_nothing_listening_exits_3(self) -> None:
+        port = self.server.port
+        self.server.stop()
+        result = run_client(
+            "send",
+            f"--host=https://localhost:{port}",
+            f"--cacert={self.server.cafile}",
+            "-m",
+            "x",
+            "--token=t",
+        )
+        self.assertEqual(result.returncode, 3)
+        self.assertIn(b"connection refused", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_usage_error_exits_2_without_traceback(self) -> None:
+        result = run_client("send", "--message=x")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(b"no token", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_help_lists_commands_and_flags(self) -> None:
+        top = run_client("--help")
+        self.assertEqual(top.returncode, 0)
+        self.assertIn(b"send", top.stdout)
+        send = run_client("send", "--help")
+        for flag in (
+            b"--host",
+            b"--message",
+            b"--message-file",
+            b"--token",
+            b"--token-file",
+            b"--cacert",
+            b"--insecure",
+            b"--timeout",
+        ):
+            self.assertIn(flag, send.stdout)
+
+    def test_curl_echoes_a_file_byte_for_byte(self) -> None:
+        curl = shutil.which("curl")
+        if curl is None:
+            raise SkipTest("curl is not installed (scripts/install-test-deps installs it)")
+        payload = Path(self.mktemp())
+        payload.write_bytes(os.urandom(200_000) + b"%s%n\x00")
+        for http in ("--http1.1", "--http2"):
+            result = subprocess.run(
+                [
+                    curl,
+                    "-sS",
+                    http,
+                    "--cacert",
+                    str(self.server.cafile),
+                    "-H",
+                    f"Token: {self.server.token}",
+                    "--data-binary",
+                    f"@{payload}",
+                    "-o",
+                    "-",
+                    "-w",
+                    "\n%{http_version}",
+                    f"{self.server.url}/echo",
+                ],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            body, _, version = result.stdout.rpartition(b"\n")
+            self.assertEqual(body, payload.read_bytes(), http)
+            self.assertEqual(version, b"2" if http == "--http2" else b"1.1")
+
+
+class MisbehavingServerTests(TestCase):
+    async def test_wrong_bytes_exit_1(self) -> None:
+        class Truncate(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                return request.content.read()[:-1]
+
+        server = await start_impostor(self, Truncate())
+        out, err, code = await run_client_async(
+            "send",
+            f"--host={server.url}",
+            f"--cacert={server.cafile}",
+            "--message=hello",
+            "--token=t",
+        )
+        self.assertEqual(code, 1)
+        self.assertEqual(out, b"hell")
+        self.assertTrue(re.search(rb"differs.*sent 5 bytes, received 4", err), err)
