@@ -34,6 +34,7 @@ from twisted.python import usage
 
 from echotwist import certs, limits, tls, tokens
 from echotwist.drain import ConnectionTracker
+from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
 from echotwist.site import DEFAULT_TIMEOUT, EchoSite
 
@@ -42,19 +43,6 @@ DEFAULT_GRACE = 10.0
 #: Twisted's default backlog of 50 overflows when hundreds of clients connect at
 #: once (they then wait out SYN retransmits); the kernel caps this at somaxconn.
 LISTEN_BACKLOG = 1024
-
-
-def _positive_int(name: str):  # type: ignore[no-untyped-def]
-    def coerce(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a whole number, not {value!r}") from None
-        if number < 0:
-            raise usage.UsageError(f"--{name} must not be negative")
-        return number
-
-    return coerce
 
 
 def _workers(value: str) -> int:
@@ -68,19 +56,6 @@ def _workers(value: str) -> int:
     if number < 1:
         raise usage.UsageError("--workers must be at least 1")
     return number
-
-
-def _seconds(name: str):  # type: ignore[no-untyped-def]
-    def coerce(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a number of seconds, not {value!r}") from None
-        if not number > 0:
-            raise usage.UsageError(f"--{name} must be more than 0 seconds")
-        return number
-
-    return coerce
 
 
 def _rate(value: str) -> float:
@@ -109,7 +84,7 @@ class Options(usage.Options):
             "p",
             None,
             "TCP port to listen on (required; 0 picks a free one).",
-            _positive_int("port"),
+            whole_number("--port"),
         ],
         [
             "interface",
@@ -131,14 +106,14 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_BODY,
             "Largest request body in bytes (64 MiB; bigger bodies get 413).",
-            _positive_int("max-body"),
+            whole_number("--max-body"),
         ],
         [
             "timeout",
             None,
             DEFAULT_TIMEOUT,
             "Seconds an idle connection is kept open.",
-            _seconds("timeout"),
+            seconds("--timeout"),
         ],
         [
             "header-timeout",
@@ -146,21 +121,21 @@ class Options(usage.Options):
             limits.DEFAULT_HEADER_TIMEOUT,
             "Seconds a client has to send a request's line and headers (the first "
             "request's clock starts at connect, TLS handshake included).",
-            _seconds("header-timeout"),
+            seconds("--header-timeout"),
         ],
         [
             "body-timeout",
             None,
             limits.DEFAULT_BODY_TIMEOUT,
             "Seconds of grace for a request body before --body-min-rate applies.",
-            _seconds("body-timeout"),
+            seconds("--body-timeout"),
         ],
         [
             "body-min-rate",
             None,
             limits.DEFAULT_BODY_MIN_RATE,
             "Bytes/s a request body must average after the grace (0: no body deadline).",
-            _positive_int("body-min-rate"),
+            whole_number("--body-min-rate"),
         ],
         [
             "max-connections",
@@ -168,7 +143,7 @@ class Options(usage.Options):
             limits.DEFAULT_MAX_CONNECTIONS,
             "Concurrent connections per process; more are closed at accept "
             "(clamped below the open-file limit).",
-            _positive_int("max-connections"),
+            whole_number("--max-connections"),
         ],
         [
             "auth-fail-limit",
@@ -185,7 +160,7 @@ class Options(usage.Options):
             DEFAULT_GRACE,
             "On SIGTERM/SIGINT, seconds in-flight requests get to finish before their "
             "connections are cut.",
-            _seconds("grace"),
+            seconds("--grace"),
         ],
         [
             "workers",
