@@ -32,13 +32,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-from twisted.python import usage
 
-from echotwist.client.cli import ConnectionOptions, _seconds, _warn
+from echotwist.client.cli import ConnectionOptions, _warn
 from echotwist.client.connection import ClosedBeforeAnswer, EchoConnection, request_head
 from echotwist.client.outcome import Cause, Problem, StatusError, classify
 from echotwist.client.send import compare, request_headers
 from echotwist.client.stats import Summary, Tally, summarize
+from echotwist.options import seconds, whole_number
 
 DEFAULT_CLIENTS = 500
 DEFAULT_SIZE = 64
@@ -48,29 +48,6 @@ TAG_BYTES = 8
 SPARE_FILES = 64
 #: Seconds between refreshes of the progress line.
 PROGRESS_INTERVAL = 0.2
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise usage.UsageError(f"expected a whole number, not {value!r}") from None
-    if number < 1:
-        raise usage.UsageError(f"expected at least 1, not {number}")
-    return number
-
-
-def _size(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise usage.UsageError(f"expected a number of bytes, not {value!r}") from None
-    if number < TAG_BYTES:
-        raise usage.UsageError(
-            f"--size must be at least {TAG_BYTES} bytes (room for the sequence number "
-            "that makes every payload unique)"
-        )
-    return number
 
 
 class LoadOptions(ConnectionOptions):
@@ -99,7 +76,7 @@ class LoadOptions(ConnectionOptions):
             "c",
             DEFAULT_CLIENTS,
             "Clients at once, each on its own TLS connection.",
-            _count,
+            whole_number("--clients", minimum=1),
         ],
         [
             "requests",
@@ -107,21 +84,25 @@ class LoadOptions(ConnectionOptions):
             None,
             "Requests in all, shared among the clients (default: --clients, unless "
             "--duration is given).",
-            _count,
+            whole_number("--requests", minimum=1),
         ],
         [
             "duration",
             "d",
             None,
             "Keep sending for this many seconds (with --requests too: whichever ends first).",
-            _seconds,
+            seconds("--duration"),
         ],
         [
             "size",
             "s",
             DEFAULT_SIZE,
             f"Payload bytes per request (at least {TAG_BYTES}).",
-            _size,
+            whole_number(
+                "--size",
+                minimum=TAG_BYTES,
+                why=" bytes (room for the sequence number that makes every payload unique)",
+            ),
         ],
     ]
 
