@@ -4,8 +4,10 @@ One worker of C{--workers N}: C{python -m echotwist.worker --fd 3 ...}.
 Started by L{echotwist.workers.WorkerPool}, never by hand.  It takes the same
 options as C{twistd echo} (so the site is built by the same code) plus the
 inherited socket's fd and the parent's pid, serves the socket until SIGTERM,
-drains like a single process, and exits.  Log events go to stdout as JSON, one
-per line, for the parent to relay.  The worker leaves the terminal's process
+drains like a single process, and exits.  Log events go to stdout: with
+C{--log-to text} as twistd's text lines marked C{[worker PID]} (stdout is then
+the parent's own, so the parent never touches them), with C{--log-to json} as
+JSON events, one per line, for the parent to relay.  The worker leaves the terminal's process
 group so that a Ctrl-C reaches only the parent, which forwards it; and it stops
 by itself if the parent disappears.
 """
@@ -18,11 +20,21 @@ import sys
 from typing import Any
 
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogBeginner,
+    jsonFileLogObserver,
+    timeFormatRFC3339,
+)
 from twisted.python import usage
 
 from echotwist.service import EchoServerService, Options, build_site
-from echotwist.workers import AdoptedTLSServerEndpoint
+from echotwist.workers import LOG_RELAY, LOG_TEXT, AdoptedTLSServerEndpoint
 
 #: How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 0.5
@@ -37,12 +49,36 @@ class WorkerOptions(Options):
         *Options.optParameters,
         ["fd", None, None, "The inherited listening socket's file descriptor.", int],
         ["parent", None, None, "The supervising parent's pid.", int],
+        ["log-to", None, LOG_RELAY, f"{LOG_TEXT}: twistd's text lines; {LOG_RELAY}: events."],
     ]
 
     def postOptions(self) -> None:
         if self["fd"] is None or self["parent"] is None:
             raise usage.UsageError("--fd and --parent are required (started by --workers)")
+        if self["log-to"] not in (LOG_TEXT, LOG_RELAY):
+            raise usage.UsageError(f"--log-to must be {LOG_TEXT} or {LOG_RELAY}")
         super().postOptions()
+
+
+def text_observer(out: Any, worker: int) -> ILogObserver:
+    """
+    twistd's own text format (C{textFileLogObserver}), with C{[worker PID] }
+    where the message starts, as the parent's relay used to put it.
+    """
+    prefix = f"[worker {worker}] "
+
+    def time_of(when: float | None) -> str:
+        return formatTime(when, timeFormatRFC3339)
+
+    def format_event(event: LogEvent) -> str | None:
+        text = formatEventAsClassicLogText(event, formatTime=time_of)
+        if not text:
+            return text
+        # "TIME [namespace#level] message": the system field holds no "] ".
+        cut = text.find("] ") + 2
+        return text[:cut] + prefix + text[cut:] if cut > 1 else prefix + text
+
+    return FileLogObserver(out, format_event)
 
 
 def _watch_parent(parent: int, reactor: Any) -> None:
@@ -63,9 +99,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout, recordSeparator="")], redirectStandardIO=False
-    )
+    if options["log-to"] == LOG_TEXT:
+        observer = text_observer(sys.stdout, os.getpid())
+    else:
+        observer = jsonFileLogObserver(sys.stdout, recordSeparator="")
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     fd = options["fd"]
     probe = socket.socket(fileno=os.dup(fd))
     family = probe.family

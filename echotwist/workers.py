@@ -10,11 +10,18 @@ accepting.  Token and certificate are the parent's: the token travels in the
 child's environment (C{ECHOTWIST_TOKEN}, as for any shared instance), the
 certificate paths on its command line.
 
-The parent only supervises:
+The parent only supervises; it stays off the per-request path:
 
-  - children log structured events (JSON, one per line) on their stdout; the
-    parent re-emits them into its own log, marked with the worker's pid, so
-    one C{--logfile} (or stdout under C{-n}) holds everything;
+  - when twistd logs to stdout (C{-n}, the systemd and benchmark shape), each
+    child inherits the parent's stdout and writes its own log lines there,
+    formatted as twistd would and marked C{[worker PID]}: an access-log line
+    costs a worker what it costs a single process, and the parent nothing.
+    Each line is one C{write} (atomic on a pipe, appended on a file), so lines
+    of different processes never mix;
+  - otherwise (C{--logfile}, syslog, C{--logger}) children log structured
+    events (JSON, one per line) on a pipe, and the parent re-emits them into
+    its own log, marked with the worker's pid, so one log holds everything;
+  - a child's stderr (a crash, a warning) is always relayed, marked the same;
   - a child that dies while the service runs is logged and replaced;
   - on stop the parent closes its copy of the socket, forwards SIGTERM to every
     child, waits for them to drain (C{--grace}, plus a margin) and kills any
@@ -54,6 +61,29 @@ MAX_RESTART_DELAY = 5.0
 STABLE_AFTER = 2.0
 #: The longest stdout line a child may write (a log event) before it is cut.
 MAX_LINE = 64 * 1024
+#: How a child logs (its C{--log-to}): text lines on an inherited stdout, or
+#: JSON events on a pipe for the parent to relay.
+LOG_TEXT = "text"
+LOG_RELAY = "json"
+
+
+def twistd_logs_to_stdout(options: Any) -> bool:
+    """
+    Whether the twistd running this plugin sends its log to stdout as plain
+    text (C{-n} without C{--logfile}, or C{--logfile -}), so that children can
+    write theirs to the same stdout.  C{False} without twistd (no parent
+    options), and for a log file, syslog or a C{--logger} of its own.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return False
+    try:
+        if twistd["syslog"] or twistd["logger"]:
+            return False
+        logfile = twistd["logfile"]
+        return bool(logfile == "-" or (twistd["nodaemon"] and not logfile))
+    except KeyError:
+        return False
 
 
 def bind_listening_socket(interface: str, port: int, backlog: int) -> socket.socket:
@@ -159,6 +189,7 @@ class WorkerPool(service.Service):
         self._restarts: dict[int, Any] = {}
         self._delay = MIN_RESTART_DELAY
         self._next_slot = 0
+        self.log_to = LOG_TEXT if twistd_logs_to_stdout(options) else LOG_RELAY
 
     # -- start ----------------------------------------------------------------
 
@@ -209,20 +240,24 @@ class WorkerPool(service.Service):
             repr(o["timeout"]),
             "--grace",
             repr(o["grace"]),
+            "--log-to",
+            self.log_to,
         ]
 
     def _spawn(self) -> None:
         assert self._socket is not None
         worker = WorkerProcess(self)
         env = {**os.environ, tokens.ENV_VAR: self._options["token"]}
-        # The child logs JSON events on stdout; it needs no terminal.
         env.pop("PYTHONSTARTUP", None)
+        # Text mode: the child writes to our stdout itself (fd 1 shared, not
+        # a pipe to us).  Relay mode: JSON events on a pipe.
+        stdout: int | str = 1 if self.log_to == LOG_TEXT else "r"
         self._reactor.spawnProcess(
             worker,
             sys.executable,
             self._argv(),
             env=env,
-            childFDs={0: "w", 1: "r", 2: "r", CHILD_FD: self._socket.fileno()},
+            childFDs={0: "w", 1: stdout, 2: "r", CHILD_FD: self._socket.fileno()},
         )
         worker.started_at = self._reactor.seconds()  # type: ignore[attr-defined]
         self.workers.add(worker)

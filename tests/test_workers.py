@@ -5,22 +5,28 @@ token behind a real HAProxy, one of them stopped gracefully mid-run.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 from twisted.web.client import readBody
 
 from echotwist import tokens
+from echotwist.worker import text_observer
+from echotwist.workers import twistd_logs_to_stdout
 from tests.support import (
     CLIENT,
     curl,
+    dev_certs,
     eventually,
     make_agent,
     need_command,
@@ -31,6 +37,43 @@ from tests.support import (
 )
 
 READY = r"\] ready: accepting connections"
+
+
+class LogDestinationTests(TestCase):
+    """Where the workers' log lines go, decided from twistd's own options."""
+
+    def twistd(self, *argv: str) -> Any:
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        config.parseOptions(
+            [*argv, "echo", "--port", "0", "--cert-dir", str(dev_certs().directory)]
+        )
+        return config.subOptions
+
+    def test_nodaemon_without_logfile_is_stdout(self) -> None:
+        self.assertTrue(twistd_logs_to_stdout(self.twistd("-n")))
+        self.assertTrue(twistd_logs_to_stdout(self.twistd("-n", "--logfile", "-")))
+
+    def test_a_logfile_or_syslog_is_not_stdout(self) -> None:
+        self.assertFalse(twistd_logs_to_stdout(self.twistd("-n", "--logfile", "x.log")))
+        self.assertFalse(twistd_logs_to_stdout(self.twistd("--logfile", "x.log")))
+        self.assertFalse(twistd_logs_to_stdout(self.twistd("-n", "--syslog")))
+
+    def test_options_without_twistd_are_not_stdout(self) -> None:
+        self.assertFalse(twistd_logs_to_stdout(object()))
+
+    def test_text_lines_are_twistds_with_the_worker_marked(self) -> None:
+        out = io.StringIO()
+        observer = text_observer(out, 4242)
+        Logger(namespace="echotwist.access", observer=observer).info(
+            "{peer} POST /echo 200", peer="127.0.0.1:1"
+        )
+        line = out.getvalue()
+        self.assertRegex(
+            line,
+            r"^\S+ \[echotwist\.access#info\] \[worker 4242\] 127\.0\.0\.1:1 POST /echo 200\n$",
+        )
 
 
 async def serving_workers(case: TestCase, url: str, token: str, want: set[int]) -> set[int]:
@@ -71,6 +114,18 @@ class WorkerTests(TestCase):
             answer = curl(self, server.url, server.token, server.cafile, b"w", http2=http2)
             self.assertEqual((answer.version, answer.status), ("2" if http2 else "1.1", 200))
             self.assertIn(int(answer.headers["x-echotwist-worker"]), workers)
+
+    async def test_workers_write_their_own_log_lines_to_the_parents_stdout(self) -> None:
+        """Under C{-n} the parent relays nothing: an access line costs it nothing."""
+        server = start_twistd(self, "--workers", "2", "--grace", "2")
+        server.wait_for_count(READY, 2, 30)
+        workers = server.worker_pids()
+        parent_stdout = os.readlink(f"/proc/{server.process.pid}/fd/1")
+        for pid in workers:
+            self.assertEqual(os.readlink(f"/proc/{pid}/fd/1"), parent_stdout)
+        seen = await serving_workers(self, server.url, server.token, set(workers))
+        for pid in seen:
+            server.wait_for(rf"\] \[worker {pid}\] 127\.0\.0\.1:\d+ POST /echo 200")
 
     def test_stopping_the_parent_leaves_no_process_behind(self) -> None:
         server = start_twistd(self, "--workers", "2")
