@@ -12,6 +12,7 @@ import json
 import resource
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +314,17 @@ class LoadTests(TestCase):
         code, summary, stderr = await load(free, tokens.generate_token(), "--clients=3", "--json")
         self.assertEqual((code, summary["failed"]), (3, {"connect": 3}))
         self.assertIn("connection refused", stderr)
+
+    async def test_a_server_that_never_answers_is_a_timeout(self) -> None:
+        port, _ = await listen(self, Factory.forProtocol(Protocol))
+        started = time.monotonic()
+        code, summary, stderr = await load(
+            port, tokens.generate_token(), "--clients=2", "--requests=2", "--timeout=0.4", "--json"
+        )
+        self.assertEqual((code, summary["failed"]), (3, {"timeout": 2}))
+        self.assertIn("timed out after 0.4 s", stderr)
+        # One sweep interval (timeout / 4) late at most, give or take the machine.
+        self.assertLess(time.monotonic() - started, 3.0)
 
     async def test_kept_alive_connection_closed_before_answering_is_retried_once(self) -> None:
         token = tokens.generate_token()

@@ -48,6 +48,8 @@ TAG_BYTES = 8
 SPARE_FILES = 64
 #: Seconds between refreshes of the progress line.
 PROGRESS_INTERVAL = 0.2
+#: Longest interval between two timeout sweeps (see L{LoadRun.expire}).
+MAX_SWEEP_INTERVAL = 0.5
 
 
 class LoadOptions(ConnectionOptions):
@@ -192,10 +194,8 @@ class LoadRun:
                 if connection is None or not connection.usable:
                     connection = await self._connect_within_timeout()
                 reused = connection.answered > 0
-                waiting = connection.request(data)
-                left = self._timeout - (time.perf_counter() - started)
-                waiting.addTimeout(max(left, 0.001), self._reactor)
-                response = await waiting
+                # No timer here: expire() sweeps every connection periodically.
+                response = await connection.request(data, started)
             except ClosedBeforeAnswer as e:
                 if attempt == 1 and reused and not e.answer_started:
                     # The server closed the kept-alive connection as the request
@@ -218,6 +218,20 @@ class LoadRun:
             break
         tally.record_problem(Problem(problem.cause, f"request {seq}: {problem.message}"), latency)
         return connection
+
+    def expire(self) -> None:
+        """
+        Time out every request that has waited C{--timeout} seconds: one sweep,
+        run every L{sweep_interval}, instead of a DelayedCall per request.  A
+        request may so run up to one interval past its timeout.
+        """
+        now = time.perf_counter()
+        for connection in list(self._open):
+            connection.expire(now, self._timeout)
+
+    @property
+    def sweep_interval(self) -> float:
+        return min(self._timeout / 4, MAX_SWEEP_INTERVAL)
 
     async def _connect_within_timeout(self) -> EchoConnection:
         connecting = Deferred.fromCoroutine(self._connect())
@@ -291,6 +305,9 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
         return 2
     load = LoadRun(reactor, options)
     progress = _Progress(reactor, load, stderr) if stdout.isatty() and not options["json"] else None
+    sweep = LoopingCall(load.expire)
+    sweep.clock = reactor
+    sweep.start(load.sweep_interval, now=False)
     started = time.perf_counter()
     try:
         await gatherResults(
@@ -298,6 +315,7 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
         )
         elapsed = time.perf_counter() - started
     finally:
+        sweep.stop()
         if progress is not None:
             progress.close()
         # Held to the end, so that all the clients' connections were open at once.
