@@ -315,6 +315,26 @@ class LoadTests(TestCase):
         self.assertEqual((code, summary["failed"]), (3, {"connect": 3}))
         self.assertIn("connection refused", stderr)
 
+    async def test_processes_share_the_clients_and_merge_one_summary(self) -> None:
+        token = tokens.generate_token()
+        port, counter = await listen(self, make_site(token))
+        code, summary, stderr = await load(
+            port, token, "--processes=2", "--clients=6", "--requests=60", "--json"
+        )
+        self.assertEqual((code, stderr), (0, ""))
+        self.assertEqual((summary["requests"], summary["verified"]), (60, 60))
+        self.assertEqual(counter.total, 6)  # 3 connections per process
+        self.assertIsNotNone(summary["latency_ms"]["p99"])
+
+    async def test_processes_merge_failures_and_the_exit_code(self) -> None:
+        port, _ = await listen(self, make_site(tokens.generate_token()))
+        code, summary, stderr = await load(
+            port, tokens.generate_token(), "--processes=2", "--clients=4", "--json"
+        )
+        self.assertEqual(code, 4)
+        self.assertEqual((summary["verified"], summary["failed"]), (0, {"http_status": 4}))
+        self.assertIn("401 Unauthorized", stderr)  # each child describes its own
+
     async def test_a_server_that_never_answers_is_a_timeout(self) -> None:
         port, _ = await listen(self, Factory.forProtocol(Protocol))
         started = time.monotonic()

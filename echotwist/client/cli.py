@@ -276,3 +276,7 @@ def run() -> None:
         return Deferred.fromCoroutine(go())
 
     task.react(start)
+
+
+if __name__ == "__main__":  # the children of load --processes
+    run()
