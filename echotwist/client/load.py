@@ -15,9 +15,12 @@ has N connections open at the server at once.
 
 The tool must not be what limits the rate it measures, so the per-request path
 is short: one TLS connection creator for the run, the request head built once,
-each request written as one buffer, a small response parser (see
-L{echotwist.client.connection}), bookkeeping that is an increment and an array
-append, and a progress line refreshed on a timer rather than per request.
+each request written as one buffer and encrypted and sent at once, a small
+response parser (see L{echotwist.client.connection}), no timer per request
+(one sweep over the connections enforces C{--timeout}), bookkeeping that is an
+increment and an array append, and a progress line refreshed on a timer rather
+than per request.  Beyond what one process can drive, C{--processes N} spreads
+the clients over N processes (L{echotwist.client.processes}).
 """
 
 from __future__ import annotations
