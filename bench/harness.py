@@ -231,6 +231,7 @@ class RssSampler(threading.Thread):
 class Env:
     def __init__(self, args) -> None:
         self.args = args
+        self.et_options: set[str] = set()  # the options `twistd echo --help` lists
         self.procs = Procs()
         self.token = secrets.token_hex(20)
         self.certdir = os.path.join(WORK, "certs")
@@ -331,8 +332,10 @@ class Server:
     name = "?"
     h2 = False
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: Env, idle: bool = False) -> None:
         self.env = env
+        # idle: set up to hold many idle connections for a long while (bench/idle_conns.py)
+        self.idle = idle
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.logfile = None
@@ -403,9 +406,23 @@ class Echotwist(Server):
             "--cert-dir",
             self.env.certdir,
         ]
-        if self.env.et_has_max_body:
+        opts = self.env.et_options
+        if "--max-body" in opts:
             cmd += ["--max-body", str(MAX_BODY)]
+        if self.idle:
+            # the connection cap (default 1024) and the deadlines for a first request and for
+            # idle keep-alive connections would otherwise close what the measurement holds
+            for opt, value in IDLE_ECHOTWIST_OPTIONS:
+                if opt in opts:
+                    cmd += [opt, value]
         return cmd + self.extra
+
+
+IDLE_ECHOTWIST_OPTIONS = [
+    ("--max-connections", "30000"),
+    ("--header-timeout", "900"),
+    ("--timeout", "900"),
+]
 
 
 class EchotwistW2(Echotwist):
@@ -489,6 +506,7 @@ class Nginx(Server):
             PORT=str(self.port),
             LISTEN_H2="" if new_h2 else "http2",
             HTTP2_ON="http2 on;" if new_h2 else "",
+            HEADER_TIMEOUT="900s" if self.idle else "60s",
             CERT=self.env.cert,
             KEY=self.env.key,
             MAX_BODY=str(MAX_BODY),
@@ -969,7 +987,7 @@ def one_run(env: Env, server_cls, sc_name: str, rnd: int) -> dict:
 
 def run_idle(env: Env, server_cls) -> dict:
     rec = {"server": server_cls.name, "conns_wanted": env.args.idle_conns}
-    srv = server_cls(env)
+    srv = server_cls(env, idle=True)
     try:
         srv.start("idle")
         cmd = [
@@ -1239,7 +1257,7 @@ def _main(env: Env, args, stamp: str) -> int:
                 f"echotwist is not installed in {env.et_venv}: running without {', '.join(dropped)}"
             )
         servers = [s for s in servers if not s.startswith("echotwist")]
-    env.et_has_max_body = False
+    env.et_options = set()
     if have_et:
         h = subprocess.run(
             [os.path.join(env.et_venv, "bin", "twistd"), "echo", "--help"],
@@ -1247,7 +1265,7 @@ def _main(env: Env, args, stamp: str) -> int:
             text=True,
             timeout=60,
         )
-        env.et_has_max_body = "--max-body" in h.stdout
+        env.et_options = set(re.findall(r"(--[a-z][a-z0-9-]*)", h.stdout))
     if "client-load-64B" in scenarios and not env.client_available():
         log("echotwist-client is not installed: skipping client-load-64B")
         scenarios.remove("client-load-64B")

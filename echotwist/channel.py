@@ -438,20 +438,59 @@ class _Refused(Protocol):
 
 class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
     """
-    The protocol of one connection: HTTP/1.1 or, by ALPN, HTTP/2; counted
-    against the site's connection cap.
+    The protocol of one connection: HTTP/1.1 or, by ALPN, HTTP/2; registered
+    with the site's connection tracker (for the cap and the graceful drain)
+    for as long as it is connected.
     """
 
     def __init__(self, channel: IProtocol) -> None:
         super().__init__(channel)
         self._counted = False
+        self._closing = False
 
     def makeConnection(self, transport: Any) -> None:
+        # The proxy hands makeConnection straight to the inner channel, so its
+        # own connectionMade never runs: register here.
         site = self._site
         if site is not None:
-            site.connection_opened()
+            site.connection_opened(self)
             self._counted = True
         super().makeConnection(transport)
+
+    # -- what the drain needs --------------------------------------------------
+
+    def is_idle(self) -> bool:
+        """No request is open: nothing would be lost by closing now."""
+        channel: Any = self._channel
+        if isinstance(channel, H2Connection):
+            return not channel.streams
+        # A request exists from its first line; a partial first line sits in
+        # the line buffer.
+        return not channel.requests and not getattr(channel, "_buffer", b"")
+
+    def close(self) -> None:
+        """Close an idle connection politely (GOAWAY first under HTTP/2)."""
+        channel: Any = self._channel
+        if self._closing or channel.transport is None:
+            return
+        self._closing = True
+        if isinstance(channel, H2Connection):
+            # hyper-h2 refuses every frame after GOAWAY, so it goes out only
+            # once the last stream is done.
+            channel.conn.close_connection()
+            channel._tryToWriteControlData()
+            # A TLS transport does not close while a producer is registered.
+            channel.transport.unregisterProducer()
+            channel.transport.loseConnection()
+        else:
+            # Unregisters the channel as the transport's producer, then closes.
+            channel.loseConnection()
+
+    def abort(self) -> None:
+        """The grace period is over: drop the connection."""
+        transport: Any = self._channel.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._negotiatedProtocol is None:
@@ -492,7 +531,7 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         finally:
             if self._counted and self._site is not None:
                 self._counted = False
-                self._site.connection_closed()
+                self._site.connection_closed(self)
 
 
 def refused_protocol() -> Protocol:

@@ -608,6 +608,14 @@ class EchoRequest(server.Request):
     def _write_head_defaults(self) -> None:
         self.setHeader(b"server", SERVER_NAME)
         self.setHeader(b"date", http_date())
+        site = self._channel.site
+        for name, value in getattr(site, "response_headers", list)():
+            if name == b"connection":
+                # The server is draining: this answer is the connection's last.
+                if not self._is_http1:
+                    continue  # HTTP/2 forbids the header; the drain sends GOAWAY.
+                self.channel.persistent = False
+            self.setHeader(name, value)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The whole body is in (an HTTP/2 stream answered early is already done)."""

@@ -9,10 +9,18 @@ Start-up order matters under twistd: C{makeService} runs while the terminal is
 still attached (the token line printed here reaches the user even in daemon
 mode), then twistd daemonizes and calls C{privilegedStartService}, which binds
 the port.  No socket is opened before that.
+
+On SIGTERM or SIGINT twistd calls C{stopService} and waits on the Deferred it
+returns: the service stops listening at once, lets the requests in flight
+finish within C{--grace} seconds (closing idle connections straight away), and
+only then lets twistd end the process.  With C{--workers N} the service is a
+L{echotwist.workers.WorkerPool} instead: the same contract, spread over N
+processes that share one listening socket.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,42 +28,34 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, interfaces
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
 from echotwist import certs, limits, tls, tokens
+from echotwist.drain import ConnectionTracker
+from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
 from echotwist.site import DEFAULT_TIMEOUT, EchoSite
 
+#: Seconds in-flight requests get to finish once a stop is asked for.
+DEFAULT_GRACE = 10.0
 #: Twisted's default backlog of 50 overflows when hundreds of clients connect at
 #: once (they then wait out SYN retransmits); the kernel caps this at somaxconn.
 LISTEN_BACKLOG = 1024
 
 
-def _positive_int(name: str):  # type: ignore[no-untyped-def]
-    def coerce(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a whole number, not {value!r}") from None
-        if number < 0:
-            raise usage.UsageError(f"--{name} must not be negative")
-        return number
-
-    return coerce
-
-
-def _seconds(name: str):  # type: ignore[no-untyped-def]
-    def coerce(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a number of seconds, not {value!r}") from None
-        if not number > 0:
-            raise usage.UsageError(f"--{name} must be more than 0 seconds")
-        return number
-
-    return coerce
+def _workers(value: str) -> int:
+    """C{--workers N} or C{auto} (one per CPU)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        number = int(value)
+    except ValueError:
+        raise usage.UsageError(f"--workers must be a number or 'auto', not {value!r}") from None
+    if number < 1:
+        raise usage.UsageError("--workers must be at least 1")
+    return number
 
 
 def _rate(value: str) -> float:
@@ -84,7 +84,7 @@ class Options(usage.Options):
             "p",
             None,
             "TCP port to listen on (required; 0 picks a free one).",
-            _positive_int("port"),
+            whole_number("--port"),
         ],
         [
             "interface",
@@ -106,14 +106,14 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_BODY,
             "Largest request body in bytes (64 MiB; bigger bodies get 413).",
-            _positive_int("max-body"),
+            whole_number("--max-body"),
         ],
         [
             "timeout",
             None,
             DEFAULT_TIMEOUT,
             "Seconds an idle connection is kept open.",
-            _seconds("timeout"),
+            seconds("--timeout"),
         ],
         [
             "header-timeout",
@@ -121,21 +121,21 @@ class Options(usage.Options):
             limits.DEFAULT_HEADER_TIMEOUT,
             "Seconds a client has to send a request's line and headers (the first "
             "request's clock starts at connect, TLS handshake included).",
-            _seconds("header-timeout"),
+            seconds("--header-timeout"),
         ],
         [
             "body-timeout",
             None,
             limits.DEFAULT_BODY_TIMEOUT,
             "Seconds of grace for a request body before --body-min-rate applies.",
-            _seconds("body-timeout"),
+            seconds("--body-timeout"),
         ],
         [
             "body-min-rate",
             None,
             limits.DEFAULT_BODY_MIN_RATE,
             "Bytes/s a request body must average after the grace (0: no body deadline).",
-            _positive_int("body-min-rate"),
+            whole_number("--body-min-rate"),
         ],
         [
             "max-connections",
@@ -143,7 +143,7 @@ class Options(usage.Options):
             limits.DEFAULT_MAX_CONNECTIONS,
             "Concurrent connections per process; more are closed at accept "
             "(clamped below the open-file limit).",
-            _positive_int("max-connections"),
+            whole_number("--max-connections"),
         ],
         [
             "auth-fail-limit",
@@ -153,6 +153,22 @@ class Options(usage.Options):
             "(burst N); a peer over it gets 429 without its token being checked. "
             "0 (the default) turns it off.",
             _rate,
+        ],
+        [
+            "grace",
+            None,
+            DEFAULT_GRACE,
+            "On SIGTERM/SIGINT, seconds in-flight requests get to finish before their "
+            "connections are cut.",
+            seconds("--grace"),
+        ],
+        [
+            "workers",
+            None,
+            1,
+            "Processes serving the one listening socket: a number, or 'auto' for one "
+            "per CPU (default 1: this process serves).",
+            _workers,
         ],
     ]
 
@@ -199,7 +215,10 @@ class Options(usage.Options):
 
 
 class EchoServerService(StreamServerEndpointService):
-    """Listens when twistd starts services, and says where."""
+    """
+    Listens when twistd starts services, and says where; on stop, stops
+    listening and drains the site's connections within the grace period.
+    """
 
     log = Logger()
 
@@ -208,10 +227,18 @@ class EchoServerService(StreamServerEndpointService):
         endpoint: interfaces.IStreamServerEndpoint,
         site: EchoSite,
         cafile: Path | None,
+        grace: float = DEFAULT_GRACE,
+        reactor: Any = None,
     ) -> None:
         super().__init__(endpoint, site)
         self._raiseSynchronously = True
         self._cafile = cafile
+        self._site = site
+        self._grace = grace
+        self._port: interfaces.IListeningPort | None = None
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -219,11 +246,54 @@ class EchoServerService(StreamServerEndpointService):
         self._waitingForPort.addCallback(self._announce)
 
     def _announce(self, port: interfaces.IListeningPort) -> interfaces.IListeningPort:
+        self._port = port
         number = port.getHost().port  # type: ignore[attr-defined]
+        if self._site.worker is not None:
+            # The parent prefixes "[worker PID]" when it relays this.
+            self.log.info("ready: accepting connections on port {port}", port=number)
+            return port
         self.log.info("echotwist listening on https://localhost:{port}/echo", port=number)
         if self._cafile is not None:
             self.log.info("clients should trust the CA file {cafile}", cafile=self._cafile)
         return port
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop accepting now; let open requests finish within the grace period.
+
+        twistd waits on the returned Deferred before it shuts the reactor down.
+        """
+        tracker = self._site.tracker
+        if self._port is not None:
+            # Connections the kernel has already completed but nobody has
+            # accept()ed would be reset when the socket closes: take them in,
+            # they are drained like the rest.
+            do_read = getattr(self._port, "doRead", None)
+            if do_read is not None:
+                do_read()
+        self.log.info(
+            "stopping: no new connections; {busy} of {open} open connection(s) busy, "
+            "up to {grace}s to finish",
+            busy=tracker.busy(),
+            open=len(tracker),
+            grace=self._grace,
+        )
+        return Deferred.fromCoroutine(self._stop(tracker))
+
+    async def _stop(self, tracker: ConnectionTracker) -> None:
+        await super().stopService()
+        aborted = await tracker.drain(self._grace, self._reactor)
+        self.log.info("stopped: all connections closed ({aborted} cut)", aborted=aborted)
+
+
+def build_site(options: Options, worker: int | None = None) -> EchoSite:
+    """The site described by the options: one resource, the token check, the limits."""
+    rate: float = options["auth-fail-limit"]
+    limiter = limits.FailureLimiter(rate) if rate > 0 else None
+    resource = EchoResource(
+        tokens.TokenChecker(options["token"]), max_body=options["max-body"], limiter=limiter
+    )
+    return EchoSite(resource, timeout=options["timeout"], limits=options["limits"], worker=worker)
 
 
 def makeService(options: Options) -> service.IService:
@@ -236,12 +306,10 @@ def makeService(options: Options) -> service.IService:
         print(f"Trust this CA in clients: {options['cafile']}", flush=True)
     sys.stdout.flush()
 
-    rate: float = options["auth-fail-limit"]
-    limiter = limits.FailureLimiter(rate) if rate > 0 else None
-    resource = EchoResource(
-        tokens.TokenChecker(token), max_body=options["max-body"], limiter=limiter
-    )
-    site = EchoSite(resource, timeout=options["timeout"], limits=options["limits"])
+    if options["workers"] > 1:
+        from echotwist.workers import WorkerPool
+
+        return WorkerPool(options, reactor)
     endpoint = endpoints.SSL4ServerEndpoint(
         reactor,
         options["port"],
@@ -249,4 +317,6 @@ def makeService(options: Options) -> service.IService:
         backlog=LISTEN_BACKLOG,
         interface=options["interface"],
     )
-    return EchoServerService(endpoint, site, options["cafile"])
+    return EchoServerService(
+        endpoint, build_site(options), options["cafile"], options["grace"], reactor
+    )

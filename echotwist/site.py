@@ -1,5 +1,5 @@
 """
-The Site: connection-level settings, the connection cap and the access log.
+The Site: connection-level settings, open connections, the cap and the access log.
 
 One access-log line per request goes through L{twisted.logger} with structured
 fields (peer, method, path, status, bytes in and out, duration), so it lands
@@ -7,9 +7,11 @@ wherever twistd sends logs (C{--logfile}, or stdout under C{-n}).  The token and
 the body are never logged: the path is logged without its query string, and no
 header is.
 
-Above L{Limits.max_connections} open connections, a new connection is closed
-as soon as it is accepted, before any TLS work: a flood degrades service for
-newcomers instead of exhausting memory or file descriptors for everyone.
+Every connection is registered with the site's L{ConnectionTracker}, the one
+place that knows what is open: a stopping service drains it, and above
+L{Limits.max_connections} open connections a new one is closed as soon as it
+is accepted, before any TLS work, so a flood degrades service for newcomers
+instead of exhausting memory or file descriptors for everyone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from twisted.web import server
 from twisted.web.resource import IResource
 
 from echotwist.channel import EchoChannelProtocol, EchoHTTPChannel, refused_protocol
+from echotwist.drain import ConnectionTracker
 from echotwist.limits import Limits
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
@@ -43,11 +46,12 @@ _ACCESS_LINE = "%s %s %s %d in=%d out=%d %.1fms"
 class EchoSite(server.Site):
     """
     A Site that serves one resource with L{EchoRequest}s over L{EchoChannelProtocol}
-    connections, caps how many are open, and logs each request.
+    connections, tracks and caps them, and logs each request.
 
     @ivar limits: the time and connection bounds handed to every channel.
-    @ivar open_connections: connections currently open.
+    @ivar tracker: the open connections.
     @ivar refused_connections: connections closed at accept because of the cap.
+    @ivar worker: in C{--workers} mode, this process's id.
     """
 
     def __init__(
@@ -56,7 +60,12 @@ class EchoSite(server.Site):
         timeout: float = DEFAULT_TIMEOUT,
         reactor: IReactorTime | None = None,
         limits: Limits | None = None,
+        worker: int | None = None,
     ) -> None:
+        """
+        @param worker: in C{--workers} mode, this process's id: every response
+            says which worker served it (C{X-Echotwist-Worker}).
+        """
         # Bodies are echoed, never parsed as forms.
         super().__init__(
             resource,
@@ -67,7 +76,8 @@ class EchoSite(server.Site):
         )
         self.displayTracebacks = False
         self.limits = limits or Limits()
-        self.open_connections = 0
+        self.tracker = ConnectionTracker()
+        self.worker = worker
         self.refused_connections = 0
         self._refusing = False
 
@@ -77,31 +87,40 @@ class EchoSite(server.Site):
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         """A channel for a new connection, or one that closes it if over the cap."""
-        if self.open_connections >= self.limits.max_connections:
+        if len(self.tracker) >= self.limits.max_connections:
             self.refused_connections += 1
             if not self._refusing:
                 self._refusing = True
                 _limits_log.warn(
                     "{open} connections open (the cap): refusing new ones, first {peer}",
-                    open=self.open_connections,
+                    open=len(self.tracker),
                     peer=describe_peer(addr),
                 )
             return refused_protocol()
         return super().buildProtocol(addr)
 
-    def connection_opened(self) -> None:
+    def connection_opened(self, connection: EchoChannelProtocol) -> None:
         """A connection was accepted under the cap."""
-        self.open_connections += 1
+        self.tracker.add(connection)
 
-    def connection_closed(self) -> None:
-        """A counted connection ended."""
-        self.open_connections -= 1
-        if self._refusing and self.open_connections < self.limits.max_connections:
+    def connection_closed(self, connection: EchoChannelProtocol) -> None:
+        """A tracked connection ended."""
+        self.tracker.remove(connection)
+        if self._refusing and len(self.tracker) < self.limits.max_connections:
             self._refusing = False
             _limits_log.info(
                 "below the connection cap again; {refused} connections refused so far",
                 refused=self.refused_connections,
             )
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers every response of this site carries, besides the defaults."""
+        headers = []
+        if self.worker is not None:
+            headers.append((b"x-echotwist-worker", b"%d" % self.worker))
+        if self.tracker.draining:
+            headers.append((b"connection", b"close"))
+        return headers
 
     def log(self, request: Any) -> None:
         """

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -23,10 +25,13 @@ from pathlib import Path
 from twisted.internet import endpoints, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+)
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
@@ -40,6 +45,31 @@ TWISTD = str(BIN / "twistd")
 CLIENT = str(BIN / "echotwist-client")
 
 _cert_dir: Path | None = None
+
+
+INSTALL_TEST_DEPS = Path(__file__).resolve().parent.parent / "scripts" / "install-test-deps"
+
+
+def need_command(name: str) -> str:
+    """
+    The path of an external tool a test drives (curl, haproxy).  A missing one
+    is installed through the project's own script; if that fails, so does the
+    test: a check that silently skips is no check.
+    """
+    found = shutil.which(name)
+    if found is None:
+        subprocess.run([str(INSTALL_TEST_DEPS)], check=False, timeout=600)
+        found = shutil.which(name)
+    if found is None:
+        raise AssertionError(f"{name} is needed and {INSTALL_TEST_DEPS} could not install it")
+    return found
+
+
+def scratch_dir(case: TestCase) -> Path:
+    """A fresh directory outside the source tree, removed at cleanup."""
+    path = Path(tempfile.mkdtemp(prefix="echotwist-test-"))
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def dev_certs() -> certs.CertPaths:
@@ -267,6 +297,26 @@ class Twistd:
                     raise AssertionError(f"no line matches {pattern!r}:\n{self.text}")
                 self._changed.wait(min(left, 0.2))
 
+    def count(self, pattern: str) -> int:
+        """How many lines of output so far match C{pattern}."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return sum(1 for line in self.output if regex.search(line))
+
+    def wait_for_count(self, pattern: str, count: int, timeout: float = 15.0) -> None:
+        """Wait until C{count} lines of output match C{pattern}."""
+        end = time.monotonic() + timeout
+        while self.count(pattern) < count:
+            if time.monotonic() > end:
+                raise AssertionError(f"fewer than {count} lines match {pattern!r}:\n{self.text}")
+            with self._changed:
+                self._changed.wait(0.1)
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers started so far (C{--workers}), in order."""
+        with self._changed:
+            return [int(m.group(1)) for line in self.output if (m := _WORKER.search(line))]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -280,6 +330,7 @@ class Twistd:
 
 _LISTENING = re.compile(r"listening on https://localhost:(\d+)/echo")
 _TOKEN = re.compile(r"^Authentication token: (\S+)$")
+_WORKER = re.compile(r"worker (\d+) started")
 
 
 def start_twistd(
@@ -289,19 +340,21 @@ def start_twistd(
     cwd: Path | None = None,
     cert_dir: Path | None = None,
     deadline: float = 30.0,
+    pidfile: Path | None = None,
     twistd: str = TWISTD,
 ) -> Twistd:
     """
     Start C{twistd -n --pidfile= echo --port 0 --interface 127.0.0.1 ARGS} and
     wait until it says where it listens.  It is stopped at cleanup.
+
+    @param pidfile: have twistd write (and remove) this pidfile.
     """
     cert_dir = cert_dir or dev_certs().directory
-    cwd = cwd or Path(case.mktemp())
-    cwd.mkdir(parents=True, exist_ok=True)
+    cwd = cwd or scratch_dir(case)
     argv = [
         twistd,
         "-n",
-        "--pidfile=",
+        f"--pidfile={pidfile or ''}",
         "echo",
         "--port",
         "0",
@@ -326,6 +379,7 @@ def start_twistd(
     except AssertionError:
         server.stop(signal.SIGKILL)
         raise AssertionError("twistd did not start:\n" + server.text) from None
+    _handshake(server.port, server.cafile)
     return server
 
 
@@ -463,3 +517,243 @@ async def run_client_async(
         CLIENT, args, env=full_env, path=str(cwd) if cwd else None
     )
     return out, err, code
+
+
+# -- daemon mode, raw TLS, curl (from the daemon work) --------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether C{pid} is a live process (a zombie awaiting its reaper is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll C{predicate} (blocking) until true, or fail after C{timeout} seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+async def eventually(predicate, timeout: float, what: str) -> None:
+    """Like L{wait_until}, without blocking the reactor."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await deferLater(reactor, 0.02)
+
+
+@dataclass
+class Daemon:
+    """A real C{twistd echo} that detached: known by its pidfile and logfile."""
+
+    cwd: Path
+    terminal: str
+    pidfile: Path
+    logfile: Path
+    pid: int
+    port: int
+    cert_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def cafile(self) -> Path:
+        return self.cert_dir / "ca.pem"
+
+    @property
+    def token(self) -> str:
+        found = re.search(r"^Authentication token: (\S+)$", self.terminal, re.M)
+        assert found, self.terminal
+        return found.group(1)
+
+    def log(self) -> str:
+        try:
+            return self.logfile.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Signal the daemon and wait until it is gone (SIGKILL after C{timeout})."""
+        if not pid_alive(self.pid):
+            return
+        os.kill(self.pid, sig)
+        try:
+            wait_until(lambda: not pid_alive(self.pid), timeout, "the daemon to exit")
+        except AssertionError:
+            os.kill(self.pid, signal.SIGKILL)
+            wait_until(lambda: not pid_alive(self.pid), 5, "the killed daemon to exit")
+            raise
+
+
+def start_daemon(case: TestCase, *args: str, deadline: float = 30.0) -> Daemon:
+    """
+    Run C{twistd --pidfile echo.pid --logfile echo.log echo --port 0 ARGS} in
+    a fresh directory; it detaches.  Wait until its log says where it listens.
+    The daemon is stopped at cleanup.
+    """
+    cwd = scratch_dir(case)
+    cert_dir = dev_certs().directory
+    argv = [
+        TWISTD,
+        "--pidfile",
+        "echo.pid",
+        "--logfile",
+        "echo.log",
+        "echo",
+        "--port",
+        "0",
+        "--interface",
+        "127.0.0.1",
+        "--cert-dir",
+        str(cert_dir),
+        *args,
+    ]
+    env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+    done = subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, timeout=deadline, check=False
+    )
+    terminal = (done.stdout + done.stderr).decode("utf-8", "replace")
+    assert done.returncode == 0, terminal
+    pidfile, logfile = cwd / "echo.pid", cwd / "echo.log"
+    wait_until(pidfile.exists, deadline, "the pidfile")
+    pid = int(pidfile.read_text().strip())
+    daemon = Daemon(cwd, terminal, pidfile, logfile, pid, 0, cert_dir)
+
+    def kill_leftover() -> None:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    case.addCleanup(kill_leftover)
+    case.addCleanup(daemon.stop)
+    wait_until(lambda: _LISTENING.search(daemon.log()) is not None, deadline, "listening")
+    found = _LISTENING.search(daemon.log())
+    assert found is not None
+    daemon.port = int(found.group(1))
+    _handshake(daemon.port, daemon.cafile)
+    return daemon
+
+
+def _handshake(port: int, cafile: Path) -> None:
+    """
+    Complete one TLS handshake: the port is logged before twistd's reactor
+    runs (and installs its SIGTERM handler), a handshake needs it running.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a liveness probe; verification is tested elsewhere
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    context.wrap_socket(raw).close()
+
+
+def tls_socket(
+    port: int, cafile: Path, alpn: tuple[str, ...] = ("http/1.1",), timeout: float = 10.0
+) -> ssl.SSLSocket:
+    """A verified TLS connection to 127.0.0.1:C{port} (name: localhost), blocking."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.set_alpn_protocols(list(alpn))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def read_until_closed(sock: ssl.SSLSocket, limit: int = 1 << 20) -> bytes:
+    """Read until the peer closes (or C{limit} bytes), within the socket's timeout."""
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def refuses_connections(port: int) -> bool:
+    """Whether nothing accepts TCP connections on 127.0.0.1:C{port} any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@dataclass
+class CurlResult:
+    version: str
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def curl(
+    case: TestCase, url: str, token: str, cafile: Path, body: bytes, http2: bool = True
+) -> CurlResult:
+    """POST C{body} to C{url}/echo with curl (HTTP/2 over ALPN, or HTTP/1.1)."""
+    exe = need_command("curl")
+    out = scratch_dir(case)
+    done = subprocess.run(
+        [
+            exe,
+            "-sS",
+            "--http2" if http2 else "--http1.1",
+            "--cacert",
+            str(cafile),
+            "--max-time",
+            "20",
+            "-H",
+            f"Token: {token}",
+            "--data-binary",
+            "@-",
+            "-D",
+            str(out / "headers"),
+            "-o",
+            str(out / "body"),
+            "-w",
+            "%{http_version} %{http_code}",
+            url + "/echo",
+        ],
+        input=body,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    version, code = done.stdout.decode().split()
+    headers = {}
+    for line in (out / "headers").read_text().splitlines()[1:]:
+        name, _, value = line.partition(":")
+        if value:
+            headers[name.strip().lower()] = value.strip()
+    return CurlResult(version, int(code), headers, (out / "body").read_bytes())
+
+
+def read_response(sock: ssl.SSLSocket, limit: int = 1 << 20) -> Response:
+    """Read one HTTP/1.1 response with a Content-Length, leaving the connection open."""
+    data = b""
+    while len(data) < limit:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if length and len(rest) >= int(length.group(1)):
+                return parse_response(data)
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    raise AssertionError(f"no complete response in {data!r}")

@@ -5,10 +5,12 @@ responses, keep-alive, and refusing what is not HTTP.
 
 from __future__ import annotations
 
+from twisted.internet.defer import TimeoutError
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from echotwist.client.connection import ResponseReader, request_head
+from echotwist.client.connection import EchoConnection, ResponseReader, request_head
 from echotwist.client.outcome import BadResponseError, Cause, classify
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 5\r\n\r\nhello"
@@ -102,3 +104,40 @@ class RequestHeadTests(TestCase):
             head + b"%d\r\n\r\n" % len(body) + body,
             b"POST /echo HTTP/1.1\r\nToken: t\r\nContent-Length: 7\r\n\r\npayload",
         )
+
+
+class EchoConnectionTests(TestCase):
+    """The protocol around the reader, on an in-memory transport."""
+
+    def connected(self) -> tuple[EchoConnection, StringTransport]:
+        connection, transport = EchoConnection(), StringTransport()
+        connection.makeConnection(transport)
+        return connection, transport
+
+    def test_a_request_is_written_at_once_and_answered(self) -> None:
+        connection, transport = self.connected()
+        waiting = connection.request(b"REQUEST", since=10.0)
+        self.assertEqual(transport.value(), b"REQUEST")
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.successResultOf(waiting).body, b"ok")
+        self.assertEqual(connection.answered, 1)
+
+    def test_expire_leaves_a_request_within_its_timeout(self) -> None:
+        connection, transport = self.connected()
+        waiting = connection.request(b"R", since=10.0)
+        self.assertFalse(connection.expire(now=10.9, timeout=1.0))
+        self.assertNoResult(waiting)
+        self.assertFalse(transport.disconnecting)
+
+    def test_expire_times_out_a_late_request_and_aborts(self) -> None:
+        connection, transport = self.connected()
+        waiting = connection.request(b"R", since=10.0)
+        self.assertTrue(connection.expire(now=11.0, timeout=1.0))
+        self.failureResultOf(waiting, TimeoutError)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(connection.usable)
+
+    def test_expire_without_a_request_in_flight_does_nothing(self) -> None:
+        connection, _ = self.connected()
+        self.assertFalse(connection.expire(now=100.0, timeout=1.0))
+        self.assertTrue(connection.usable)

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
 from tests.support import (
     TWISTD,
+    need_command,
     run_client,
     run_client_async,
     start_impostor,
@@ -184,9 +184,7 @@ class ClientCommandTests(TestCase):
             self.assertIn(flag, send.stdout)
 
     def test_curl_echoes_a_file_byte_for_byte(self) -> None:
-        curl = shutil.which("curl")
-        if curl is None:
-            raise SkipTest("curl is not installed (scripts/install-test-deps installs it)")
+        curl = need_command("curl")
         payload = Path(self.mktemp())
         payload.write_bytes(os.urandom(200_000) + b"%s%n\x00")
         for http in ("--http1.1", "--http2"):

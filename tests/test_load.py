@@ -12,6 +12,7 @@ import json
 import resource
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -104,13 +105,15 @@ async def listen(case: TestCase, factory: Any) -> tuple[int, ConnectionCounter]:
 
 
 def raise_open_files(case: TestCase, needed: int) -> None:
-    """Raise the soft RLIMIT_NOFILE to C{needed} for this test, or skip it."""
+    """
+    Raise RLIMIT_NOFILE to C{needed} for this test (the hard limit too when it
+    is lower, which needs privileges; without them the test fails, loudly).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise SkipTest(f"needs {needed} open files; the hard limit is {hard}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    new_hard = hard if hard == resource.RLIM_INFINITY or hard >= needed else needed
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, new_hard))
     case.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
 
 
@@ -311,6 +314,37 @@ class LoadTests(TestCase):
         code, summary, stderr = await load(free, tokens.generate_token(), "--clients=3", "--json")
         self.assertEqual((code, summary["failed"]), (3, {"connect": 3}))
         self.assertIn("connection refused", stderr)
+
+    async def test_processes_share_the_clients_and_merge_one_summary(self) -> None:
+        token = tokens.generate_token()
+        port, counter = await listen(self, make_site(token))
+        code, summary, stderr = await load(
+            port, token, "--processes=2", "--clients=6", "--requests=60", "--json"
+        )
+        self.assertEqual((code, stderr), (0, ""))
+        self.assertEqual((summary["requests"], summary["verified"]), (60, 60))
+        self.assertEqual(counter.total, 6)  # 3 connections per process
+        self.assertIsNotNone(summary["latency_ms"]["p99"])
+
+    async def test_processes_merge_failures_and_the_exit_code(self) -> None:
+        port, _ = await listen(self, make_site(tokens.generate_token()))
+        code, summary, stderr = await load(
+            port, tokens.generate_token(), "--processes=2", "--clients=4", "--json"
+        )
+        self.assertEqual(code, 4)
+        self.assertEqual((summary["verified"], summary["failed"]), (0, {"http_status": 4}))
+        self.assertIn("401 Unauthorized", stderr)  # each child describes its own
+
+    async def test_a_server_that_never_answers_is_a_timeout(self) -> None:
+        port, _ = await listen(self, Factory.forProtocol(Protocol))
+        started = time.monotonic()
+        code, summary, stderr = await load(
+            port, tokens.generate_token(), "--clients=2", "--requests=2", "--timeout=0.4", "--json"
+        )
+        self.assertEqual((code, summary["failed"]), (3, {"timeout": 2}))
+        self.assertIn("timed out after 0.4 s", stderr)
+        # One sweep interval (timeout / 4) late at most, give or take the machine.
+        self.assertLess(time.monotonic() - started, 3.0)
 
     async def test_kept_alive_connection_closed_before_answering_is_retried_once(self) -> None:
         token = tokens.generate_token()

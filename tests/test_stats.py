@@ -6,10 +6,12 @@ its JSON, and which exit code a set of failures gives.
 from __future__ import annotations
 
 import json
+from array import array
 
 from twisted.trial.unittest import TestCase
 
 from echotwist.client.outcome import Cause, ExitCode, Problem, exit_code_for
+from echotwist.client.processes import merge, shares
 from echotwist.client.stats import FIRST_FAILURES, Tally, percentile, summarize
 
 
@@ -114,3 +116,21 @@ class SummaryTests(TestCase):
         self.assertIn("failed      1 (timeout 1)", text)
         self.assertIn("rate        50.5 requests/s", text)
         self.assertIn("p99 99.0 ms", text)
+
+
+class ProcessesMergeTests(TestCase):
+    """C{load --processes}: shares and the merge of the children's reports, in memory."""
+
+    def test_shares_differ_by_at_most_one_and_add_up(self) -> None:
+        self.assertEqual(shares(50, 3), [17, 17, 16])
+        self.assertEqual(shares(2, 2), [1, 1])
+
+    def test_merge_adds_counts_causes_and_every_latency(self) -> None:
+        tally = Tally()
+        child = {"verified": 3, "mismatched": 1, "retries": 2, "failed": {"timeout": 1}}
+        merge(tally, child, array("d", [0.001, 0.002, 0.003, 0.004]))
+        merge(tally, {**child, "failed": {"tls": 2}}, array("d", [0.010]))
+        self.assertEqual((tally.verified, tally.mismatched, tally.retries), (6, 2, 4))
+        self.assertEqual(tally.failed, {Cause.TIMEOUT: 1, Cause.TLS: 2})
+        self.assertEqual(summarize(tally, 1.0).latency_ms["max"], 10.0)
+        self.assertEqual(tally.requests, 11)

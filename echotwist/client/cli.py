@@ -23,20 +23,11 @@ from twisted.web.client import Agent
 from echotwist import tls, tokens
 from echotwist.client.outcome import ExitCode, classify
 from echotwist.client.send import compare, send_once
+from echotwist.options import seconds
 
 DEFAULT_HOST = "https://localhost:8000"
 DEFAULT_CAFILE = Path("certs") / "ca.pem"
 DEFAULT_TIMEOUT = 30.0
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise usage.UsageError(f"expected a number of seconds, not {value!r}") from None
-    if not number > 0:
-        raise usage.UsageError("a timeout must be more than 0 seconds")
-    return number
 
 
 class ConnectionOptions(usage.Options):
@@ -71,7 +62,7 @@ class ConnectionOptions(usage.Options):
             None,
             DEFAULT_TIMEOUT,
             "Seconds allowed for the whole exchange.",
-            _seconds,
+            seconds("--timeout"),
         ],
     ]
 
@@ -285,3 +276,7 @@ def run() -> None:
         return Deferred.fromCoroutine(go())
 
     task.react(start)
+
+
+if __name__ == "__main__":  # the children of load --processes
+    run()

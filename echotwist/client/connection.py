@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
@@ -211,6 +214,10 @@ class EchoConnection(Protocol):
     """
     A keep-alive HTTP/1.1 connection that sends one request at a time.
 
+    Timeouts are not a timer per request: whoever runs many connections calls
+    L{expire} on all of them from one periodic sweep (see
+    L{echotwist.client.load}).
+
     @ivar answered: responses received on this connection so far.
     @ivar closed: fires (with L{None}) when the connection has ended.
     """
@@ -221,22 +228,56 @@ class EchoConnection(Protocol):
         self.closed: Deferred[None] = Deferred()
         self._reader = ResponseReader()
         self._waiting: Deferred[Response] | None = None
+        self._since = 0.0
         self._force_close: IDelayedCall | None = None
+        self._write: Any = None
 
     def connectionMade(self) -> None:
         self.usable = True
+        transport: Any = self.transport
+        # A request is one write, answered before the next: Nagle could only
+        # hold it back waiting for an ACK.
+        no_delay = getattr(transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            # Twisted's TLS transport holds small writes for a callLater(0)
+            # and the next reactor iteration, to gather them into one record.
+            # A request is already one buffer: encrypt and send it now, and
+            # save a DelayedCall and an iteration of latency per request.
+            self._write = partial(TLSMemoryBIOProtocol.write, transport)
+        else:
+            self._write = transport.write
 
-    def request(self, data: bytes) -> Deferred[Response]:
+    def request(self, data: bytes, since: float = 0.0) -> Deferred[Response]:
         """
         Send a whole request; the result fires with its response.  Cancelling
-        it (a timeout) aborts the connection.
+        it aborts the connection.
+
+        @param since: when the exchange started (L{time.perf_counter}), for
+            L{expire}.
         """
         if self._waiting is not None or not self.usable:
             raise RuntimeError("EchoConnection: one request at a time, on an open connection")
         waiting: Deferred[Response] = Deferred(self._cancel)
         self._waiting = waiting
-        self.transport.write(data)  # type: ignore[union-attr]
+        self._since = since
+        self._write(data)
         return waiting
+
+    def expire(self, now: float, timeout: float) -> bool:
+        """
+        Fail the request in flight with L{TimeoutError}, and abort the
+        connection, if it started C{timeout} seconds or more before C{now}.
+        """
+        waiting = self._waiting
+        if waiting is None or now - self._since < timeout:
+            return False
+        self._waiting = None
+        self.usable = False
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        waiting.errback(TimeoutError(f"no complete answer within {timeout:g} s"))
+        return True
 
     def _cancel(self, waiting: Deferred[Response]) -> None:
         self._waiting = None

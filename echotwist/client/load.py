@@ -15,9 +15,12 @@ has N connections open at the server at once.
 
 The tool must not be what limits the rate it measures, so the per-request path
 is short: one TLS connection creator for the run, the request head built once,
-each request written as one buffer, a small response parser (see
-L{echotwist.client.connection}), bookkeeping that is an increment and an array
-append, and a progress line refreshed on a timer rather than per request.
+each request written as one buffer and encrypted and sent at once, a small
+response parser (see L{echotwist.client.connection}), no timer per request
+(one sweep over the connections enforces C{--timeout}), bookkeeping that is an
+increment and an array append, and a progress line refreshed on a timer rather
+than per request.  Beyond what one process can drive, C{--processes N} spreads
+the clients over N processes (L{echotwist.client.processes}).
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
-from twisted.python import usage
 
-from echotwist.client.cli import ConnectionOptions, _seconds, _warn
+from echotwist.client.cli import ConnectionOptions, _warn
 from echotwist.client.connection import ClosedBeforeAnswer, EchoConnection, request_head
 from echotwist.client.outcome import Cause, Problem, StatusError, classify
+from echotwist.client.processes import run_children, write_latencies
 from echotwist.client.send import compare, request_headers
 from echotwist.client.stats import Summary, Tally, summarize
+from echotwist.options import seconds, whole_number
 
 DEFAULT_CLIENTS = 500
 DEFAULT_SIZE = 64
@@ -48,29 +52,8 @@ TAG_BYTES = 8
 SPARE_FILES = 64
 #: Seconds between refreshes of the progress line.
 PROGRESS_INTERVAL = 0.2
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise usage.UsageError(f"expected a whole number, not {value!r}") from None
-    if number < 1:
-        raise usage.UsageError(f"expected at least 1, not {number}")
-    return number
-
-
-def _size(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise usage.UsageError(f"expected a number of bytes, not {value!r}") from None
-    if number < TAG_BYTES:
-        raise usage.UsageError(
-            f"--size must be at least {TAG_BYTES} bytes (room for the sequence number "
-            "that makes every payload unique)"
-        )
-    return number
+#: Longest interval between two timeout sweeps (see L{LoadRun.expire}).
+MAX_SWEEP_INTERVAL = 0.5
 
 
 class LoadOptions(ConnectionOptions):
@@ -99,7 +82,7 @@ class LoadOptions(ConnectionOptions):
             "c",
             DEFAULT_CLIENTS,
             "Clients at once, each on its own TLS connection.",
-            _count,
+            whole_number("--clients", minimum=1),
         ],
         [
             "requests",
@@ -107,21 +90,40 @@ class LoadOptions(ConnectionOptions):
             None,
             "Requests in all, shared among the clients (default: --clients, unless "
             "--duration is given).",
-            _count,
+            whole_number("--requests", minimum=1),
         ],
         [
             "duration",
             "d",
             None,
             "Keep sending for this many seconds (with --requests too: whichever ends first).",
-            _seconds,
+            seconds("--duration"),
         ],
         [
             "size",
             "s",
             DEFAULT_SIZE,
             f"Payload bytes per request (at least {TAG_BYTES}).",
-            _size,
+            whole_number(
+                "--size",
+                minimum=TAG_BYTES,
+                why=" bytes (room for the sequence number that makes every payload unique)",
+            ),
+        ],
+        [
+            "processes",
+            "p",
+            1,
+            "Spread the clients over this many processes (one Python process drives "
+            "about 6k req/s; a faster server needs more); results are merged.",
+            whole_number("--processes", minimum=1),
+        ],
+        [
+            "latencies-fd",
+            None,
+            None,
+            "(internal, for --processes) write every latency to this fd.",
+            whole_number("--latencies-fd", minimum=3),
         ],
     ]
 
@@ -211,10 +213,8 @@ class LoadRun:
                 if connection is None or not connection.usable:
                     connection = await self._connect_within_timeout()
                 reused = connection.answered > 0
-                waiting = connection.request(data)
-                left = self._timeout - (time.perf_counter() - started)
-                waiting.addTimeout(max(left, 0.001), self._reactor)
-                response = await waiting
+                # No timer here: expire() sweeps every connection periodically.
+                response = await connection.request(data, started)
             except ClosedBeforeAnswer as e:
                 if attempt == 1 and reused and not e.answer_started:
                     # The server closed the kept-alive connection as the request
@@ -237,6 +237,20 @@ class LoadRun:
             break
         tally.record_problem(Problem(problem.cause, f"request {seq}: {problem.message}"), latency)
         return connection
+
+    def expire(self) -> None:
+        """
+        Time out every request that has waited C{--timeout} seconds: one sweep,
+        run every L{sweep_interval}, instead of a DelayedCall per request.  A
+        request may so run up to one interval past its timeout.
+        """
+        now = time.perf_counter()
+        for connection in list(self._open):
+            connection.expire(now, self._timeout)
+
+    @property
+    def sweep_interval(self) -> float:
+        return min(self._timeout / 4, MAX_SWEEP_INTERVAL)
 
     async def _connect_within_timeout(self) -> EchoConnection:
         connecting = Deferred.fromCoroutine(self._connect())
@@ -304,12 +318,18 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
     clients: int = options["clients"]
     if options["requests"] is not None:
         clients = min(clients, options["requests"])
+    processes = min(options["processes"], clients)
+    if processes > 1:
+        return await _run_processes(reactor, options, processes, clients, stdout, stderr)
     problem = ensure_open_files(clients)
     if problem is not None:
         _warn(stderr, f"error: {problem}")
         return 2
     load = LoadRun(reactor, options)
     progress = _Progress(reactor, load, stderr) if stdout.isatty() and not options["json"] else None
+    sweep = LoopingCall(load.expire)
+    sweep.clock = reactor
+    sweep.start(load.sweep_interval, now=False)
     started = time.perf_counter()
     try:
         await gatherResults(
@@ -317,13 +337,33 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
         )
         elapsed = time.perf_counter() - started
     finally:
+        sweep.stop()
         if progress is not None:
             progress.close()
         # Held to the end, so that all the clients' connections were open at once.
         await load.close()
+    if options["latencies-fd"] is not None:
+        write_latencies(options["latencies-fd"], load.tally.latencies)
     summary = summarize(load.tally, elapsed)
     _report(summary, load.tally, options["json"], stdout, stderr)
     return load.tally.exit_code()
+
+
+async def _run_processes(
+    reactor: Any,
+    options: LoadOptions,
+    processes: int,
+    clients: int,
+    stdout: BinaryIO,
+    stderr: TextIO,
+) -> int:
+    """C{--processes N}: the children run the clients; this merges and reports."""
+    tally, elapsed, failed_code = await run_children(reactor, options, processes, clients, stderr)
+    if failed_code is not None:
+        _warn(stderr, "error: a load process ended without a summary")
+        return failed_code
+    _report(summarize(tally, elapsed), tally, options["json"], stdout, stderr)
+    return tally.exit_code()
 
 
 def _report(
@@ -334,10 +374,11 @@ def _report(
     stdout.flush()
     if tally.errors:
         shown = len(tally.first_failures)
+        # (--processes: each child has described its own first failures.)
         _warn(
             stderr,
-            f"error: {tally.errors} of {tally.requests} requests did not verify; "
-            f"the first {shown}:",
+            f"error: {tally.errors} of {tally.requests} requests did not verify"
+            + (f"; the first {shown}:" if shown else ""),
         )
         for problem in tally.first_failures:
             stderr.write(f"  {problem.cause.value}: {problem.message}\n")

@@ -1,0 +1,125 @@
+"""
+One worker of C{--workers N}: C{python -m echotwist.worker --fd 3 ...}.
+
+Started by L{echotwist.workers.WorkerPool}, never by hand.  It takes the same
+options as C{twistd echo} (so the site is built by the same code) plus the
+inherited socket's fd and the parent's pid, serves the socket until SIGTERM,
+drains like a single process, and exits.  Log events go to stdout: with
+C{--log-to text} as twistd's text lines marked C{[worker PID]} (stdout is then
+the parent's own, so the parent never touches them), with C{--log-to json} as
+JSON events, one per line, for the parent to relay.  The worker leaves the terminal's process
+group so that a Ctrl-C reaches only the parent, which forwards it; and it stops
+by itself if the parent disappears.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogBeginner,
+    jsonFileLogObserver,
+    timeFormatRFC3339,
+)
+from twisted.python import usage
+
+from echotwist.service import EchoServerService, Options, build_site
+from echotwist.workers import LOG_RELAY, LOG_TEXT, AdoptedTLSServerEndpoint
+
+#: How often a worker checks that its parent is still there.
+PARENT_CHECK_INTERVAL = 0.5
+
+log = Logger()
+
+
+class WorkerOptions(Options):
+    """C{twistd echo}'s options, plus where the socket and the parent are."""
+
+    optParameters: list[list[Any]] = [
+        *Options.optParameters,
+        ["fd", None, None, "The inherited listening socket's file descriptor.", int],
+        ["parent", None, None, "The supervising parent's pid.", int],
+        ["log-to", None, LOG_RELAY, f"{LOG_TEXT}: twistd's text lines; {LOG_RELAY}: events."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["fd"] is None or self["parent"] is None:
+            raise usage.UsageError("--fd and --parent are required (started by --workers)")
+        if self["log-to"] not in (LOG_TEXT, LOG_RELAY):
+            raise usage.UsageError(f"--log-to must be {LOG_TEXT} or {LOG_RELAY}")
+        super().postOptions()
+
+
+def text_observer(out: Any, worker: int) -> ILogObserver:
+    """
+    twistd's own text format (C{textFileLogObserver}), with C{[worker PID] }
+    where the message starts, as the parent's relay used to put it.
+    """
+    prefix = f"[worker {worker}] "
+
+    def time_of(when: float | None) -> str:
+        return formatTime(when, timeFormatRFC3339)
+
+    def format_event(event: LogEvent) -> str | None:
+        text = formatEventAsClassicLogText(event, formatTime=time_of)
+        if not text:
+            return text
+        # "TIME [namespace#level] message": the system field holds no "] ".
+        cut = text.find("] ") + 2
+        return text[:cut] + prefix + text[cut:] if cut > 1 else prefix + text
+
+    return FileLogObserver(out, format_event)
+
+
+def _watch_parent(parent: int, reactor: Any) -> None:
+    if os.getppid() != parent and reactor.running:
+        log.warn("parent {parent} is gone: stopping", parent=parent)
+        reactor.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the inherited socket until told to stop."""
+    options = WorkerOptions()
+    try:
+        options.parseOptions(argv if argv is not None else sys.argv[1:])
+    except usage.UsageError as e:
+        print(f"echotwist.worker: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    os.setpgid(0, 0)
+
+    from twisted.internet import reactor
+
+    if options["log-to"] == LOG_TEXT:
+        observer = text_observer(sys.stdout, os.getpid())
+    else:
+        observer = jsonFileLogObserver(sys.stdout, recordSeparator="")
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    fd = options["fd"]
+    probe = socket.socket(fileno=os.dup(fd))
+    family = probe.family
+    probe.close()
+    os.set_inheritable(fd, False)
+    endpoint = AdoptedTLSServerEndpoint(reactor, fd, family, options["context-factory"])
+    site = build_site(options, worker=os.getpid())
+    server = EchoServerService(endpoint, site, None, options["grace"], reactor)
+    server.privilegedStartService()
+    server.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", server.stopService)
+
+    watch = LoopingCall(_watch_parent, options["parent"], reactor)
+    watch.start(PARENT_CHECK_INTERVAL, now=False)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

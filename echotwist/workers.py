@@ -1,0 +1,352 @@
+"""
+C{--workers N}: N processes serve one listening socket.
+
+The parent (the twistd process) binds the socket once, before privileges are
+dropped, and hands its file descriptor to N children spawned with
+C{reactor.spawnProcess(childFDs=...)}.  Each child (L{echotwist.worker}) adopts
+it through L{AdoptedTLSServerEndpoint} and serves it exactly as a single
+process would; the kernel spreads new connections over the processes that are
+accepting.  Token and certificate are the parent's: the token travels in the
+child's environment (C{ECHOTWIST_TOKEN}, as for any shared instance), the
+certificate paths on its command line.
+
+The parent only supervises; it stays off the per-request path:
+
+  - when twistd logs to stdout (C{-n}, the systemd and benchmark shape), each
+    child inherits the parent's stdout and writes its own log lines there,
+    formatted as twistd would and marked C{[worker PID]}: an access-log line
+    costs a worker what it costs a single process, and the parent nothing.
+    Each line is one C{write} (atomic on a pipe, appended on a file), so lines
+    of different processes never mix;
+  - otherwise (C{--logfile}, syslog, C{--logger}) children log structured
+    events (JSON, one per line) on a pipe, and the parent re-emits them into
+    its own log, marked with the worker's pid, so one log holds everything;
+  - a child's stderr (a crash, a warning) is always relayed, marked the same;
+  - a child that dies while the service runs is logged and replaced;
+  - on stop the parent closes its copy of the socket, forwards SIGTERM to every
+    child, waits for them to drain (C{--grace}, plus a margin) and kills any
+    that outlive it.  Children also stop on their own if the parent vanishes,
+    so none is ever orphaned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import error, interfaces
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from echotwist import tokens
+
+#: The fd number the listening socket has in every child.
+CHILD_FD = 3
+#: After the grace period, how long children get before SIGKILL.
+KILL_MARGIN = 5.0
+#: Restart delays for a child that keeps dying at start-up (seconds).
+MIN_RESTART_DELAY = 0.1
+MAX_RESTART_DELAY = 5.0
+#: A child that lived at least this long restarts without delay.
+STABLE_AFTER = 2.0
+#: The longest stdout line a child may write (a log event) before it is cut.
+MAX_LINE = 64 * 1024
+#: How a child logs (its C{--log-to}): text lines on an inherited stdout, or
+#: JSON events on a pipe for the parent to relay.
+LOG_TEXT = "text"
+LOG_RELAY = "json"
+
+
+def twistd_logs_to_stdout(options: Any) -> bool:
+    """
+    Whether the twistd running this plugin sends its log to stdout as plain
+    text (C{-n} without C{--logfile}, or C{--logfile -}), so that children can
+    write theirs to the same stdout.  C{False} without twistd (no parent
+    options), and for a log file, syslog or a C{--logger} of its own.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return False
+    try:
+        if twistd["syslog"] or twistd["logger"]:
+            return False
+        logfile = twistd["logfile"]
+        return bool(logfile == "-" or (twistd["nodaemon"] and not logfile))
+    except KeyError:
+        return False
+
+
+def bind_listening_socket(interface: str, port: int, backlog: int) -> socket.socket:
+    """
+    The one listening socket, bound like C{SSL4ServerEndpoint} would: IPv6 (and
+    IPv4 through it) for an IPv6 address such as C{::}, else IPv4.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and interface == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((interface, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@implementer(interfaces.IStreamServerEndpoint)
+class AdoptedTLSServerEndpoint:
+    """Serve TLS on a listening socket this process inherited as a file descriptor."""
+
+    def __init__(self, reactor: Any, fileno: int, family: int, context_factory: Any) -> None:
+        self._inner = AdoptedStreamServerEndpoint(reactor, fileno, family)
+        self._context_factory = context_factory
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        wrapped = TLSMemoryBIOFactory(self._context_factory, False, protocolFactory)
+        return self._inner.listen(wrapped)
+
+
+class WorkerProcess(ProcessProtocol):
+    """One child: relays its log events and tells the pool when it ends."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.pid: int | None = None
+        self.ended: Deferred[None] = Deferred()
+        self._buffers: dict[int, bytes] = {1: b"", 2: b""}
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD not in self._buffers:
+            return
+        lines = (self._buffers[childFD] + data).split(b"\n")
+        self._buffers[childFD] = lines.pop()
+        if len(self._buffers[childFD]) > MAX_LINE:
+            lines.append(self._buffers[childFD])
+            self._buffers[childFD] = b""
+        for line in lines:
+            self._relay(childFD, line)
+
+    def _relay(self, childFD: int, line: bytes) -> None:
+        if not line.strip():
+            return
+        if childFD == 1:
+            try:
+                event = eventFromJSON(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                event = None
+            if isinstance(event, dict):
+                # A literal prefix: the event's fields arrive pre-flattened, and
+                # a new field would not be in that table.
+                event["echotwist_worker"] = self.pid
+                event["log_format"] = f"[worker {self.pid}] " + str(event.get("log_format") or "")
+                globalLogPublisher(event)
+                return
+        self.pool.log.warn(
+            "[worker {worker}] {line}", worker=self.pid, line=line.decode("utf-8", "replace")
+        )
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._buffers.items():
+            if rest:
+                self._relay(fd, rest)
+        self.pool.worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(service.Service):
+    """
+    The twistd service of C{--workers N}: bind, spawn, supervise, stop.
+
+    @ivar workers: the children alive now.
+    """
+
+    log = Logger()
+
+    def __init__(self, options: Any, reactor: Any) -> None:
+        self._options = options
+        self._reactor = reactor
+        self.count: int = options["workers"]
+        self.grace: float = options["grace"]
+        self.workers: set[WorkerProcess] = set()
+        self._socket: socket.socket | None = None
+        self._restarts: dict[int, Any] = {}
+        self._delay = MIN_RESTART_DELAY
+        self._next_slot = 0
+        self.log_to = LOG_TEXT if twistd_logs_to_stdout(options) else LOG_RELAY
+
+    # -- start ----------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        from echotwist.service import LISTEN_BACKLOG
+
+        super().privilegedStartService()
+        self._socket = bind_listening_socket(
+            self._options["interface"], self._options["port"], LISTEN_BACKLOG
+        )
+        port = self._socket.getsockname()[1]
+        self.log.info(
+            "echotwist listening on https://localhost:{port}/echo with {count} workers",
+            port=port,
+            count=self.count,
+        )
+        if self._options["cafile"] is not None:
+            self.log.info(
+                "clients should trust the CA file {cafile}", cafile=self._options["cafile"]
+            )
+
+    def startService(self) -> None:
+        super().startService()
+        for _ in range(self.count):
+            self._spawn()
+
+    def _argv(self) -> list[str]:
+        o = self._options
+        return [
+            sys.executable,
+            "-m",
+            "echotwist.worker",
+            "--fd",
+            str(CHILD_FD),
+            "--parent",
+            str(os.getpid()),
+            "--port",
+            "0",
+            "--interface",
+            o["interface"],
+            "--cert",
+            os.path.abspath(o["cert"]),
+            "--key",
+            os.path.abspath(o["key"]),
+            "--max-body",
+            str(o["max-body"]),
+            "--timeout",
+            repr(o["timeout"]),
+            "--grace",
+            repr(o["grace"]),
+            "--log-to",
+            self.log_to,
+        ]
+
+    def _spawn(self) -> None:
+        assert self._socket is not None
+        worker = WorkerProcess(self)
+        env = {**os.environ, tokens.ENV_VAR: self._options["token"]}
+        env.pop("PYTHONSTARTUP", None)
+        # Text mode: the child writes to our stdout itself (fd 1 shared, not
+        # a pipe to us).  Relay mode: JSON events on a pipe.
+        stdout: int | str = 1 if self.log_to == LOG_TEXT else "r"
+        self._reactor.spawnProcess(
+            worker,
+            sys.executable,
+            self._argv(),
+            env=env,
+            childFDs={0: "w", 1: stdout, 2: "r", CHILD_FD: self._socket.fileno()},
+        )
+        worker.started_at = self._reactor.seconds()  # type: ignore[attr-defined]
+        self.workers.add(worker)
+        self.log.info("worker {worker} started", worker=worker.pid)
+
+    # -- supervise --------------------------------------------------------------
+
+    def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
+        self.workers.discard(worker)
+        status = _describe(reason)
+        if not self.running:
+            self.log.info("worker {worker} stopped ({status})", worker=worker.pid, status=status)
+            return
+        lived = self._reactor.seconds() - getattr(worker, "started_at", 0.0)
+        if lived >= STABLE_AFTER:
+            self._delay = MIN_RESTART_DELAY
+        delay = self._delay
+        self._delay = min(self._delay * 2, MAX_RESTART_DELAY)
+        self.log.error(
+            "worker {worker} died ({status}) after {lived:.1f}s; starting a new one in {delay}s",
+            worker=worker.pid,
+            status=status,
+            lived=lived,
+            delay=delay,
+        )
+        slot = self._next_slot
+        self._next_slot += 1
+
+        def restart() -> None:
+            self._restarts.pop(slot, None)
+            if self.running:
+                self._spawn()
+
+        self._restarts[slot] = self._reactor.callLater(delay, restart)
+
+    # -- stop -------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        """Forward the stop to every child; fire when all have ended."""
+        super().stopService()
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        if self._socket is not None:
+            # The children hold their own copies: closing ours takes nothing
+            # from them, and the port closes when the last of them lets go.
+            self._socket.close()
+            self._socket = None
+        workers = list(self.workers)
+        self.log.info(
+            "stopping {count} worker(s); up to {grace}s for in-flight requests",
+            count=len(workers),
+            grace=self.grace,
+        )
+        for worker in workers:
+            _signal(worker, "TERM")
+        killer = self._reactor.callLater(self.grace + KILL_MARGIN, self._kill, workers)
+        return Deferred.fromCoroutine(self._wait(workers, killer))
+
+    async def _wait(self, workers: list[WorkerProcess], killer: Any) -> None:
+        await gatherResults([w.ended for w in workers])
+        if killer.active():
+            killer.cancel()
+        self.log.info("all workers stopped")
+
+    def _kill(self, workers: list[WorkerProcess]) -> None:
+        for worker in workers:
+            if worker in self.workers:
+                self.log.warn(
+                    "worker {worker} outlived the grace period: killing", worker=worker.pid
+                )
+                _signal(worker, "KILL")
+
+
+def _signal(worker: WorkerProcess, name: str) -> None:
+    try:
+        if worker.transport is not None:
+            worker.transport.signalProcess(name)
+    except error.ProcessExitedAlready:
+        pass
+
+
+def _describe(reason: Failure) -> str:
+    value = reason.value
+    if isinstance(value, error.ProcessTerminated):
+        if value.signal is not None:
+            return f"signal {value.signal}"
+        return f"exit status {value.exitCode}"
+    if isinstance(value, error.ProcessDone):
+        return "exit status 0"
+    return json.dumps(str(value))
