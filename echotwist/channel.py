@@ -87,7 +87,29 @@ def _plain_answer(status: int) -> bytes:
     )
 
 
-class EchoHTTPChannel(http.HTTPChannel):
+class _CachedAddresses:
+    """
+    Ask the socket for its addresses once per connection, not once per request
+    (each ask is a syscall; every request's access-log line wants the peer).
+    """
+
+    _host: Any = None
+    _peer: Any = None
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once (a syscall) per connection."""
+        if self._host is None:
+            self._host = super().getHost()  # type: ignore[misc]
+        return self._host
+
+    def getPeer(self) -> Any:
+        """The peer's address, once per connection."""
+        if self._peer is None:
+            self._peer = super().getPeer()  # type: ignore[misc]
+        return self._peer
+
+
+class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
     """
     An L{http.HTTPChannel} with a header deadline, stricter parsing and one
     log line per malformed connection.
@@ -103,24 +125,8 @@ class EchoHTTPChannel(http.HTTPChannel):
         super().__init__()
         self._deadline: Deadline | None = None
         self._idle: Deadline | None = None
-        self._host: Any = None
-        self._peer: Any = None
         self._rejected = False
         self._bytes_seen = 0
-
-    # -- addresses ---------------------------------------------------------------
-
-    def getHost(self) -> Any:
-        """The local address, asked of the socket once (a syscall) per connection."""
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def getPeer(self) -> Any:
-        """The peer's address, once per connection."""
-        if self._peer is None:
-            self._peer = super().getPeer()
-        return self._peer
 
     # -- where are we in the request? ----------------------------------------
 
@@ -300,7 +306,7 @@ class EchoHTTPChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
-class EchoH2Connection(H2Connection):
+class EchoH2Connection(_CachedAddresses, H2Connection):
     """
     An L{H2Connection} that answers refused streams at once and survives the
     client's late frames for them.
@@ -314,20 +320,6 @@ class EchoH2Connection(H2Connection):
         self.conn.config.validate_outbound_headers = False
         self._header_call: IDelayedCall | None = None
         self._seen_request = False
-        self._host: Any = None
-        self._peer: Any = None
-
-    def getHost(self) -> Any:
-        """The local address, asked of the socket once (a syscall) per connection."""
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def getPeer(self) -> Any:
-        """The peer's address, once per connection."""
-        if self._peer is None:
-            self._peer = super().getPeer()
-        return self._peer
 
     # -- the header deadline ---------------------------------------------------
 
