@@ -242,16 +242,11 @@ def raw_request(
 # -- the real commands ----------------------------------------------------------
 
 
-@dataclass
-class Twistd:
-    """A real C{twistd -n echo} in a subprocess; its output is read by a thread."""
+class _RealServer:
+    """Where a real server listens and which CA its clients trust."""
 
-    process: subprocess.Popen[bytes]
+    port: int
     cert_dir: Path
-    token: str = ""
-    port: int = 0
-    output: list[str] = field(default_factory=list)
-    _changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def url(self) -> str:
@@ -260,6 +255,18 @@ class Twistd:
     @property
     def cafile(self) -> Path:
         return self.cert_dir / "ca.pem"
+
+
+@dataclass
+class Twistd(_RealServer):
+    """A real C{twistd -n echo} in a subprocess; its output is read by a thread."""
+
+    process: subprocess.Popen[bytes]
+    cert_dir: Path
+    token: str = ""
+    port: int = 0
+    output: list[str] = field(default_factory=list)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def text(self) -> str:
@@ -556,7 +563,7 @@ async def eventually(predicate, timeout: float, what: str) -> None:
 
 
 @dataclass
-class Daemon:
+class Daemon(_RealServer):
     """A real C{twistd echo} that detached: known by its pidfile and logfile."""
 
     cwd: Path
@@ -566,14 +573,6 @@ class Daemon:
     pid: int
     port: int
     cert_dir: Path
-
-    @property
-    def url(self) -> str:
-        return f"https://localhost:{self.port}"
-
-    @property
-    def cafile(self) -> Path:
-        return self.cert_dir / "ca.pem"
 
     @property
     def token(self) -> str:
