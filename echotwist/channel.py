@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection
 
-from echotwist.limits import Deadline, Limits
+from echotwist.limits import Deadline, limits_of
 from echotwist.peers import describe_peer
 from echotwist.resource import (
     HEADER_FIELDS_TOO_LARGE,
@@ -68,10 +68,6 @@ MAX_HEADER_BYTES = 16384
 #: line a client may send between requests.
 _REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z\r]")
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/(\d)\.(\d)")
-
-
-def _limits_of(site: Any) -> Limits:
-    return getattr(site, "limits", None) or Limits()
 
 
 def _plain_answer(status: int) -> bytes:
@@ -154,7 +150,7 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
     def _arm_header_deadline(self) -> None:
         deadline = self.deadline
         if deadline is not None and not deadline.due(self._headers_too_slow):
-            deadline.set_in(_limits_of(self.site).header_timeout, self._headers_too_slow)
+            deadline.set_in(limits_of(self.site).header_timeout, self._headers_too_slow)
 
     def cancel_deadlines(self) -> None:
         """Stop every clock (the connection closes or becomes HTTP/2)."""
@@ -329,7 +325,7 @@ class EchoH2Connection(_CachedAddresses, H2Connection):
 
     def _arm_header_deadline(self) -> None:
         if self._header_call is None:
-            timeout = _limits_of(self.site).header_timeout
+            timeout = limits_of(self.site).header_timeout
             self._header_call = self._reactor.callLater(timeout, self._headers_too_slow)
 
     def _cancel_header_deadline(self) -> None:

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -89,6 +89,11 @@ class Limits:
 #: A deadline's timer may fire this early (float rounding of the clock) and
 #: still count as expired, rather than re-arming for a microsecond.
 _SLACK = 0.001
+
+
+def limits_of(site: Any) -> Limits:
+    """The bounds of a site: an L{echotwist.site.EchoSite}'s own, else the defaults."""
+    return cast(Limits, getattr(site, "limits", None) or Limits())
 
 
 class Deadline:

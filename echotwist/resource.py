@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from echotwist.limits import Deadline, FailureLimiter, Limits
+from echotwist.limits import Deadline, FailureLimiter, Limits, limits_of
 from echotwist.peers import describe_peer, peer_host
 from echotwist.tokens import TokenChecker, presented_token
 
@@ -408,7 +408,7 @@ class EchoRequest(server.Request):
         self._own_deadline = False
         #: Bytes reserved in the resource's memory budget for this body.
         self._in_memory = 0
-        self._echo: EchoResource = self._resource()
+        self._echo = cast(EchoResource, channel.site.resource)
         self._body_started = 0.0
 
     # -- decisions ---------------------------------------------------------
@@ -420,13 +420,10 @@ class EchoRequest(server.Request):
 
     def _resource(self) -> EchoResource:
         # Kept from construction: a finished request no longer has a channel.
-        echo = self.__dict__.get("_echo")
-        if echo is None:
-            echo = cast(EchoResource, self._channel.site.resource)
-        return echo
+        return self._echo
 
     def _limits(self) -> Limits:
-        return cast(Limits, getattr(self._channel.site, "limits", None) or Limits())
+        return limits_of(self._channel.site)
 
     def _clock(self) -> IReactorTime:
         return cast(IReactorTime, self._channel.site.reactor)
