@@ -119,6 +119,11 @@ class AdoptedTLSServerEndpoint:
         return self._inner.listen(wrapped)
 
 
+#: Options the parent resolves itself and hands over in its own form (the
+#: socket, absolute certificate paths) or that only the parent acts on.
+_PARENT_ONLY = frozenset({"port", "cert", "key", "cert-dir", "token-file", "workers"})
+
+
 class WorkerProcess(ProcessProtocol):
     """One child: relays its log events and tells the pool when it ends."""
 
@@ -218,7 +223,7 @@ class WorkerPool(service.Service):
 
     def _argv(self) -> list[str]:
         o = self._options
-        return [
+        argv = [
             sys.executable,
             "-m",
             "echotwist.worker",
@@ -228,21 +233,21 @@ class WorkerPool(service.Service):
             str(os.getpid()),
             "--port",
             "0",
-            "--interface",
-            o["interface"],
             "--cert",
             os.path.abspath(o["cert"]),
             "--key",
             os.path.abspath(o["key"]),
-            "--max-body",
-            str(o["max-body"]),
-            "--timeout",
-            repr(o["timeout"]),
-            "--grace",
-            repr(o["grace"]),
             "--log-to",
             self.log_to,
         ]
+        # Every other option of twistd echo (limits, deadlines, grace...) goes
+        # to each worker as the parent resolved it, so none can be forgotten.
+        for name, *_ in type(o).optParameters:
+            value = o[name]
+            if name in _PARENT_ONLY or value is None:
+                continue
+            argv += [f"--{name}", repr(value) if isinstance(value, float) else str(value)]
+        return argv
 
     def _spawn(self) -> None:
         assert self._socket is not None

@@ -31,8 +31,10 @@ from tests.support import (
     make_agent,
     need_command,
     pid_alive,
+    recv_response,
     scratch_dir,
     start_twistd,
+    tls_socket,
     wait_until,
 )
 
@@ -126,6 +128,18 @@ class WorkerTests(TestCase):
         seen = await serving_workers(self, server.url, server.token, set(workers))
         for pid in seen:
             server.wait_for(rf"\] \[worker {pid}\] 127\.0\.0\.1:\d+ POST /echo 200")
+
+    def test_workers_apply_the_limits_given_to_twistd(self) -> None:
+        # A header deadline of 1 s (the default is 20): a client that sends
+        # half a request line is answered 408 and cut off by whichever worker
+        # holds its connection.
+        server = start_twistd(self, "--workers", "2", "--grace", "2", "--header-timeout", "1")
+        server.wait_for_count(READY, 2, 30)
+        for _ in range(4):
+            with tls_socket(server.port, server.cafile) as sock:
+                sock.sendall(b"POST /echo HTTP/1.1\r\n")
+                answer = recv_response(sock, limit=6)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:80])
 
     def test_stopping_the_parent_leaves_no_process_behind(self) -> None:
         server = start_twistd(self, "--workers", "2")
