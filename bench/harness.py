@@ -393,9 +393,12 @@ class Echotwist(Server):
     h2 = True
     extra: list[str] = []
 
+    def venv(self) -> str:
+        return self.env.et_venv
+
     def command(self):
         cmd = [
-            os.path.join(self.env.et_venv, "bin", "twistd"),
+            os.path.join(self.venv(), "bin", "twistd"),
             "-n",
             "--pidfile=",
             "echo",
@@ -428,6 +431,22 @@ IDLE_ECHOTWIST_OPTIONS = [
 class EchotwistW2(Echotwist):
     name = "echotwist-w2"
     extra = ["--workers", "2"]
+
+
+class EchotwistRef(Echotwist):
+    """
+    A reference echotwist (another checkout, installed in ECHOTWIST_REF_VENV), for A/B runs
+    interleaved with the one under test: `ECHOTWIST_REF_VENV=/path bench/run --servers
+    echotwist,echotwist-ref`.
+    """
+
+    name = "echotwist-ref"
+
+    def venv(self) -> str:
+        ref = os.environ.get("ECHOTWIST_REF_VENV")
+        if not ref:
+            raise SystemExit("echotwist-ref needs ECHOTWIST_REF_VENV (a venv with twistd echo)")
+        return ref
 
 
 class Aiohttp(Server):
@@ -534,7 +553,13 @@ class Nginx(Server):
         ]
 
 
-SERVERS = {"echotwist": Echotwist, "echotwist-w2": EchotwistW2, "aiohttp": Aiohttp, "nginx": Nginx}
+SERVERS = {
+    "echotwist": Echotwist,
+    "echotwist-w2": EchotwistW2,
+    "echotwist-ref": EchotwistRef,
+    "aiohttp": Aiohttp,
+    "nginx": Nginx,
+}
 
 
 # --------------------------------------------------------------------------- certificates
