@@ -27,6 +27,7 @@ gaps:
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any, cast
 
 import h2.errors
@@ -38,9 +39,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection
+from twisted.web.http_headers import Headers
 
 from echotwist.limits import Deadline, limits_of
 from echotwist.peers import describe_peer
@@ -123,6 +126,7 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         self._idle: Deadline | None = None
         self._rejected = False
         self._bytes_seen = 0
+        self._held_head: bytes | None = None
 
     # -- where are we in the request? ----------------------------------------
 
@@ -283,6 +287,7 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
             # answer until a handshake that may never come.
             self.transport.abortConnection()  # type: ignore[attr-defined]
             return
+        self._release_head()
         answering = any(getattr(r, "startedWriting", False) for r in self.requests)
         if not answering:
             self.transport.write(_plain_answer(status))
@@ -291,13 +296,60 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.loseConnection()
 
+    # -- one write per response ------------------------------------------------
+
+    # twisted.web writes a response's head and its body separately; over TLS
+    # each write is a record of its own (or waits for the end of the reactor
+    # turn to be gathered).  The head is held here until the first body bytes,
+    # so that a whole small response is one write and one TLS record.
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            self._release_head()
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._held_head = b"".join(head)
+
+    def write(self, data: bytes) -> None:
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            data = head + data
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def writeSequence(self, iovec: Any) -> None:
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            iovec = [head, *iovec]
+        self.transport.writeSequence(iovec)  # type: ignore[union-attr]
+
+    def _release_head(self) -> None:
+        """Write a held head now (a response with no body, or the connection closing)."""
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            if self.transport is not None:
+                self.transport.write(head)
+
+    def loseConnection(self) -> None:
+        self._release_head()
+        super().loseConnection()
+
     def requestDone(self, request: Any) -> None:
+        self._release_head()
         super().requestDone(request)
         if self._buffer and self._in_headers:
             # A pipelined request is already partly in: its clock runs.
             self._arm_header_deadline()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
+        self._held_head = None
         self.cancel_deadlines()
         super().connectionLost(reason)
 
@@ -416,6 +468,38 @@ class EchoH2Connection(_CachedAddresses, H2Connection):
             self._tryToWriteControlData()
 
 
+def _write_through(transport: Any) -> None:
+    """
+    Encrypt and send each write at once, for HTTP/1.1.
+
+    Twisted's TLS transport (L{BufferingTLSTransport}) holds writes until the
+    end of the reactor turn to gather small ones into one record: a
+    C{callLater(0)} and one more trip through the reactor per response.  Our
+    HTTP/1.1 channel already writes a small response as one buffer
+    (L{EchoHTTPChannel.write}), so the gathering buys nothing.  Every write of
+    the connection must take the same road (or bytes could overtake held
+    ones), so this is set before anything is written.
+    """
+    if isinstance(transport, BufferingTLSTransport):
+        transport.write = partial(TLSMemoryBIOProtocol.write, transport)  # type: ignore[method-assign]
+        transport.writeSequence = partial(_write_joined, transport)  # type: ignore[method-assign]
+
+
+def _write_joined(transport: TLSMemoryBIOProtocol, iovec: Any) -> None:
+    TLSMemoryBIOProtocol.write(transport, b"".join(iovec))
+
+
+def _aggregate_writes(transport: Any) -> None:
+    """
+    Back to Twisted's gathering, for HTTP/2: h2 writes every frame on its own.
+    Nothing has been written through the connection yet (the switch happens
+    on its first bytes), so nothing can be overtaken.
+    """
+    if isinstance(transport, BufferingTLSTransport) and "writeSequence" in vars(transport):
+        del transport.writeSequence
+        transport.write = transport._aggregator.write  # type: ignore[method-assign]
+
+
 class _Refused(Protocol):
     """Stands in for a connection over the cap: closes it at once."""
 
@@ -443,6 +527,7 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         if site is not None:
             site.connection_opened(self)
             self._counted = True
+        _write_through(transport)
         super().makeConnection(transport)
 
     # -- what the drain needs --------------------------------------------------
@@ -494,6 +579,7 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         networkProducer.unregisterProducer()
         old.setTimeout(None)
         transport = old.transport
+        _aggregate_writes(transport)
         site = self._site
         channel: Any = EchoH2Connection(site.reactor if site is not None else None)
         channel.requestFactory = self._requestFactory

@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotwist import tokens
+from echotwist.logs import TwistdLogObserver
 
 #: The fd number the listening socket has in every child.
 CHILD_FD = 3
@@ -175,7 +176,7 @@ class WorkerProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
-class WorkerPool(service.Service):
+class WorkerPool(TwistdLogObserver, service.Service):
     """
     The twistd service of C{--workers N}: bind, spawn, supervise, stop.
 
