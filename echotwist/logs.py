@@ -167,16 +167,21 @@ class TextLogObserver:
                 pass
 
 
-def twistd_log_file(twistd: Any) -> IO[str] | None:
-    """
-    The file twistd would write its text log to, given its options, or
-    L{None} where twistd must choose itself (C{--syslog}, C{--logger},
-    C{--logfile -} in daemon mode, which twistd refuses).
+#: L{twistd_log_target}'s answer for stdout.
+STDOUT = "-"
 
-    As twistd does: stdout under C{-n} without C{--logfile} (or with
-    C{--logfile -}); otherwise the named file, C{twistd.log} by default,
-    as a L{logfile.LogFile} that C{SIGUSR1} rotates.
+
+def twistd_log_target(options: Any) -> str | None:
     """
+    Where the twistd running this plugin writes its text log, from its own
+    options (C{options.parent}): L{STDOUT} (C{-n} without C{--logfile}, or
+    with C{--logfile -}), or a file name (C{--logfile}, else C{twistd.log}).
+    L{None} where twistd chooses something else or refuses: C{--syslog}, a
+    C{--logger} of its own, C{--logfile -} in daemon mode, or no twistd.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return None
     try:
         if twistd["syslog"] or twistd["logger"]:
             return None
@@ -184,11 +189,19 @@ def twistd_log_file(twistd: Any) -> IO[str] | None:
         nodaemon = twistd["nodaemon"]
     except KeyError:
         return None
-    if name == "-":
-        return sys.stdout if nodaemon else None
+    if name == STDOUT:
+        return STDOUT if nodaemon else None
     if nodaemon and not name:
-        return sys.stdout
-    log_file = logfile.LogFile.fromFullPath(name or "twistd.log")
+        return STDOUT
+    return str(name or "twistd.log")
+
+
+def open_log_file(name: str) -> logfile.LogFile:
+    """
+    The log file as twistd opens it: a L{logfile.LogFile}, rotated on
+    C{SIGUSR1} unless something else already handles that signal.
+    """
+    log_file = logfile.LogFile.fromFullPath(name)
     if not signal.getsignal(signal.SIGUSR1):
 
         def rotate(signum: int, frame: Any) -> None:
@@ -224,9 +237,12 @@ class TwistdLogObserver:
 
 
 def observer_for_twistd(options: Any) -> ILogObserver | None:
-    """Our observer on the file twistd would log to, or L{None} to keep twistd's."""
-    twistd = getattr(options, "parent", None)
-    if twistd is None:
+    """
+    A L{TextLogObserver} on the file twistd would log to, or L{None} to leave
+    the choice to twistd (see L{twistd_log_target}).
+    """
+    target = twistd_log_target(options)
+    if target is None:
         return None
-    out = twistd_log_file(twistd)
-    return TextLogObserver(out) if out is not None else None
+    out: Any = sys.stdout if target == STDOUT else open_log_file(target)
+    return TextLogObserver(out)

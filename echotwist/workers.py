@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotwist import tokens
-from echotwist.logs import TwistdLogObserver
+from echotwist.logs import STDOUT, TwistdLogObserver, twistd_log_target
 
 #: The fd number the listening socket has in every child.
 CHILD_FD = 3
@@ -71,20 +71,9 @@ LOG_RELAY = "json"
 def twistd_logs_to_stdout(options: Any) -> bool:
     """
     Whether the twistd running this plugin sends its log to stdout as plain
-    text (C{-n} without C{--logfile}, or C{--logfile -}), so that children can
-    write theirs to the same stdout.  C{False} without twistd (no parent
-    options), and for a log file, syslog or a C{--logger} of its own.
+    text, so that children can write theirs to the same stdout.
     """
-    twistd = getattr(options, "parent", None)
-    if twistd is None:
-        return False
-    try:
-        if twistd["syslog"] or twistd["logger"]:
-            return False
-        logfile = twistd["logfile"]
-        return bool(logfile == "-" or (twistd["nodaemon"] and not logfile))
-    except KeyError:
-        return False
+    return twistd_log_target(options) == STDOUT
 
 
 def bind_listening_socket(interface: str, port: int, backlog: int) -> socket.socket:
