@@ -209,13 +209,16 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         if self._in_headers:
             self._arm_header_deadline()
             if self._awaiting_request_line:
-                if not self._screen_request_start(data):
-                    return
                 if not self._buffer and not self._busyReceiving:
+                    # A whole head is checked as it is read (and needs no screening).
                     taken = self._take_head(data)
                     if taken is None:
                         return
-                    data = taken
+                    if taken is not data:
+                        super().dataReceived(taken)
+                        return
+                if not self._screen_request_start(data):
+                    return
         super().dataReceived(data)
 
     def _take_head(self, data: bytes) -> bytes | None:

@@ -591,11 +591,16 @@ class EchoRequest(server.Request):
     def _stop_lingering(self) -> None:
         """Enough of a refused body has been read: close the connection now."""
         self._cancel_linger()
-        if self.channel is not None and self.channel.transport is not None:
+        channel = self.channel
+        if (
+            channel is not None
+            and channel.transport is not None
+            and not getattr(channel.transport, "disconnecting", False)
+        ):
             # The channel's loseConnection, not the transport's: the channel is
             # registered as the transport's producer, and TLS holds its close
             # until that producer is unregistered.
-            self.channel.loseConnection()
+            channel.loseConnection()
 
     def _cancel_linger(self) -> None:
         if self._linger is not None and self._linger.active():
