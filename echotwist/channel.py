@@ -74,6 +74,10 @@ _REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z\r]")
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/(\d)\.(\d)")
 
 
+#: Whether a request factory takes no queue position (asked of zope once per factory).
+_NONQUEUED: dict[Any, bool] = {}
+
+
 def _plain_answer(status: int) -> bytes:
     """A complete HTTP/1.1 refusal written below the Request level; it closes."""
     body = refusal_body(status)
@@ -260,7 +264,11 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
             if line[:1] in (b" ", b"\t"):
                 return data
         # What HTTPChannel.lineReceived does with a request line.
-        if INonQueuedRequestFactory.providedBy(self.requestFactory):
+        factory = self.requestFactory
+        nonqueued = _NONQUEUED.get(factory)
+        if nonqueued is None:
+            nonqueued = _NONQUEUED[factory] = INonQueuedRequestFactory.providedBy(factory)
+        if nonqueued:
             request = self.requestFactory(self)
         else:
             request = self.requestFactory(self, len(self.requests))

@@ -221,9 +221,19 @@ class EchoResource(Resource):
             spool = cast("IO[bytes]", content)
             spool.seek(0, 2)
             length = spool.tell()
-        status = self.early_status(
-            request.method, request.uri, request.requestHeaders, length, request.getClientAddress()
-        )
+        if getattr(request, "accepted", False):
+            # An EchoRequest decided at its head (path, method, token, the
+            # declared size), and refuses a body that grows past the limit
+            # as it arrives: nothing is left to decide.
+            status = None
+        else:
+            status = self.early_status(
+                request.method,
+                request.uri,
+                request.requestHeaders,
+                length,
+                request.getClientAddress(),
+            )
         if status is not None:
             return refuse(request, status)
         content_type = request.requestHeaders.getRawHeaders(b"content-type")
@@ -400,6 +410,8 @@ class EchoRequest(server.Request):
         self._http1 = isinstance(channel, HTTPChannel)
         self.started = time.monotonic()
         self.early: int | None = None
+        #: L{EchoResource.early_status} has accepted this request's head.
+        self.accepted = False
         self.body_received = 0
         self._answered = False
         self._registered = self._is_http1
@@ -461,7 +473,17 @@ class EchoRequest(server.Request):
                 self.content = _Discard()
                 self._release_memory()
             return
-        body_expected = self.channel.length != 0 if self._is_http1 else length != 0
+        self.accepted = True
+        if self._is_http1:
+            # The bytes after the head wait in the line parser's buffer: when
+            # the whole body is there already, it is read before this call
+            # returns, and no clock is needed.
+            pending = self.channel.length
+            body_expected = pending != 0 and (
+                pending is None or len(self.channel._buffer) < pending
+            )
+        else:
+            body_expected = length != 0
         if body_expected:
             self._start_body_clock()
 
