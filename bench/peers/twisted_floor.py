@@ -69,12 +69,17 @@ class FloorEcho(Protocol):
         if len(parts) != 3:
             self.refuse(400)
             return False
-        method, path, _ = parts
+        method, path, version = parts
         fields = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             fields[name.strip().lower()] = value.strip()
         self.head = fields
+        self.keep_alive = (
+            fields.get(b"connection", b"").lower() != b"close"
+            if version == b"HTTP/1.1"
+            else fields.get(b"connection", b"").lower() == b"keep-alive"
+        )
         self.status = 200
         if path.split(b"?", 1)[0] != b"/echo":
             self.status = 404
@@ -112,6 +117,9 @@ class FloorEcho(Protocol):
             b"HTTP/1.1 200 OK\r\nServer: floor\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
             % (ctype, len(body), body)
         )
+        if not self.keep_alive:
+            self.transport.loseConnection()
+            self.buffer = b""
 
     def refuse(self, status: int) -> None:
         extra = b""
