@@ -27,7 +27,6 @@ gaps:
 from __future__ import annotations
 
 import re
-from functools import partial
 from typing import Any, cast
 
 import h2.errors
@@ -39,7 +38,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection
@@ -55,6 +53,7 @@ from echotwist.resource import (
     refusal_body,
     status_line,
 )
+from echotwist.transport import BulkTLSProtocol
 
 # Module-level: a Logger that is a class attribute takes the class's name.
 _log = Logger(namespace="echotwist.limits")
@@ -543,34 +542,25 @@ class EchoH2Connection(_CachedAddresses, H2Connection):
 
 def _write_through(transport: Any) -> None:
     """
-    Encrypt and send each write at once, for HTTP/1.1.
-
-    Twisted's TLS transport (L{BufferingTLSTransport}) holds writes until the
-    end of the reactor turn to gather small ones into one record: a
-    C{callLater(0)} and one more trip through the reactor per response.  Our
-    HTTP/1.1 channel already writes a small response as one buffer
-    (L{EchoHTTPChannel.write}), so the gathering buys nothing.  Every write of
-    the connection must take the same road (or bytes could overtake held
-    ones), so this is set before anything is written.
+    HTTP/1.1: have the TLS transport encrypt and send each write at once
+    (L{echotwist.transport.BulkTLSProtocol.write_through}).  Our channel
+    writes a small response as one buffer (L{EchoHTTPChannel.write}), so
+    Twisted's gathering of small writes until the end of the reactor turn
+    would only add a timer and a reactor trip per response.  Set before
+    anything is written, so no byte can overtake a gathered one.
     """
-    if isinstance(transport, BufferingTLSTransport):
-        transport.write = partial(TLSMemoryBIOProtocol.write, transport)  # type: ignore[method-assign]
-        transport.writeSequence = partial(_write_joined, transport)  # type: ignore[method-assign]
-
-
-def _write_joined(transport: TLSMemoryBIOProtocol, iovec: Any) -> None:
-    TLSMemoryBIOProtocol.write(transport, b"".join(iovec))
+    if isinstance(transport, BulkTLSProtocol):
+        transport.write_through()
 
 
 def _aggregate_writes(transport: Any) -> None:
     """
-    Back to Twisted's gathering, for HTTP/2: h2 writes every frame on its own.
-    Nothing has been written through the connection yet (the switch happens
-    on its first bytes), so nothing can be overtaken.
+    Back to gathering small writes, for HTTP/2: h2 writes every frame on its
+    own.  Nothing has been written on the connection yet (the switch happens
+    on its first bytes).
     """
-    if isinstance(transport, BufferingTLSTransport) and "writeSequence" in vars(transport):
-        del transport.writeSequence
-        transport.write = transport._aggregator.write  # type: ignore[method-assign]
+    if isinstance(transport, BulkTLSProtocol):
+        transport.gather_small_writes()
 
 
 class _Refused(Protocol):

@@ -215,8 +215,8 @@ class EchoResource(Resource):
         content = request.content
         in_memory = isinstance(content, _InMemoryBody)
         if in_memory:
-            body = cast(_InMemoryBody, content).getvalue()
-            length = len(body)
+            memory = cast(_InMemoryBody, content)
+            length = memory.size
         else:
             spool = cast("IO[bytes]", content)
             spool.seek(0, 2)
@@ -241,7 +241,16 @@ class EchoResource(Resource):
             b"content-type", content_type[0] if content_type else DEFAULT_CONTENT_TYPE
         )
         if in_memory:
-            return body
+            chunks = memory.chunks()
+            if len(chunks) == 1:
+                return chunks[0]
+            # Written as the chunks it arrived in: joining a large body first
+            # would copy it once more.
+            request.setHeader(b"content-length", b"%d" % length)
+            for chunk in chunks:
+                request.write(chunk)
+            request.finish()
+            return server.NOT_DONE_YET
         spool.seek(0)
         if length <= MEMORY_BODY_MAX:
             return spool.read()
@@ -331,6 +340,15 @@ class _InMemoryBody:
         self._size += len(data)
         self._pos = self._size
         return len(data)
+
+    @property
+    def size(self) -> int:
+        """The body's length so far."""
+        return self._size
+
+    def chunks(self) -> list[bytes]:
+        """The body as the chunks it arrived in (at least one, maybe empty)."""
+        return self._chunks or [b""]
 
     def getvalue(self) -> bytes:
         if len(self._chunks) != 1:

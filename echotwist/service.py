@@ -27,12 +27,12 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints, interfaces
+from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echotwist import certs, limits, logs, tls, tokens
+from echotwist import certs, limits, logs, tls, tokens, transport
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -312,7 +312,7 @@ def makeService(options: Options) -> service.IService:
         pool = WorkerPool(options, reactor)
         pool.log_observer = logs.observer_for_twistd(options)
         return pool
-    endpoint = endpoints.SSL4ServerEndpoint(
+    endpoint = transport.listen_tls(
         reactor,
         options["port"],
         options["context-factory"],

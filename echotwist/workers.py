@@ -44,12 +44,12 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotwist import tokens
 from echotwist.logs import STDOUT, TwistdLogObserver, twistd_log_target
+from echotwist.transport import TLSServerEndpoint
 
 #: The fd number the listening socket has in every child.
 CHILD_FD = 3
@@ -101,12 +101,12 @@ class AdoptedTLSServerEndpoint:
     """Serve TLS on a listening socket this process inherited as a file descriptor."""
 
     def __init__(self, reactor: Any, fileno: int, family: int, context_factory: Any) -> None:
-        self._inner = AdoptedStreamServerEndpoint(reactor, fileno, family)
-        self._context_factory = context_factory
+        self._inner = TLSServerEndpoint(
+            AdoptedStreamServerEndpoint(reactor, fileno, family), context_factory
+        )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        wrapped = TLSMemoryBIOFactory(self._context_factory, False, protocolFactory)
-        return self._inner.listen(wrapped)
+        return self._inner.listen(protocolFactory)
 
 
 #: Options the parent resolves itself and hands over in its own form (the
