@@ -472,6 +472,32 @@ class Aiohttp(Server):
         return cmd
 
 
+class TwistedFloor(Server):
+    """
+    bench/peers/twisted_floor.py: Twisted's reactor and TLS (echotwist's context factory) with a
+    few lines of HTTP on top and no twisted.web: the ceiling of the stack echotwist is built on.
+    Runs in echotwist's venv; not in the default list.
+    """
+
+    name = "twisted-floor"
+
+    def command(self):
+        return [
+            os.path.join(self.env.et_venv, "bin", "python"),
+            os.path.join(BENCH, "peers", "twisted_floor.py"),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--cert",
+            self.env.cert,
+            "--key",
+            self.env.key,
+            "--max-body",
+            str(MAX_BODY),
+        ]
+
+
 NGINX_MODULES = "/usr/lib/nginx/modules"
 
 
@@ -559,6 +585,7 @@ SERVERS = {
     "echotwist-ref": EchotwistRef,
     "aiohttp": Aiohttp,
     "nginx": Nginx,
+    "twisted-floor": TwistedFloor,
 }
 
 
@@ -1276,12 +1303,12 @@ def _main(env: Env, args, stamp: str) -> int:
 
     have_et = env.echotwist_available()
     if not have_et:
-        dropped = [s for s in servers if s.startswith("echotwist")]
+        dropped = [s for s in servers if s.startswith("echotwist") or s == "twisted-floor"]
         if dropped:
             log(
                 f"echotwist is not installed in {env.et_venv}: running without {', '.join(dropped)}"
             )
-        servers = [s for s in servers if not s.startswith("echotwist")]
+        servers = [s for s in servers if not (s.startswith("echotwist") or s == "twisted-floor")]
     env.et_options = set()
     if have_et:
         h = subprocess.run(

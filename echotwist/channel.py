@@ -38,6 +38,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import INonQueuedRequestFactory
 
 from echotwist.addresses import CachedAddresses as _CachedAddresses
 from echotwist.h2 import EchoH2Connection
@@ -49,6 +51,7 @@ from echotwist.resource import (
     refusal_body,
     status_line,
 )
+from echotwist.transport import BulkTLSProtocol
 
 # Module-level: a Logger that is a class attribute takes the class's name.
 _log = Logger(namespace="echotwist.limits")
@@ -66,6 +69,10 @@ MAX_HEADER_BYTES = 16384
 #: line a client may send between requests.
 _REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z\r]")
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/(\d)\.(\d)")
+
+
+#: Whether a request factory takes no queue position (asked of zope once per factory).
+_NONQUEUED: dict[Any, bool] = {}
 
 
 def _plain_answer(status: int) -> bytes:
@@ -99,12 +106,13 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         self._idle: Deadline | None = None
         self._rejected = False
         self._bytes_seen = 0
+        self._held_head: bytes | None = None
 
     # -- where are we in the request? ----------------------------------------
 
     @property
     def _awaiting_request_line(self) -> bool:
-        return bool(self._HTTPChannel__first_line) and not self._handlingRequest  # type: ignore[attr-defined]
+        return bool(self._HTTPChannel__first_line) and not self._handlingRequest
 
     @property
     def _in_headers(self) -> bool:
@@ -179,9 +187,77 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         self._bytes_seen += len(data)
         if self._in_headers:
             self._arm_header_deadline()
-            if self._awaiting_request_line and not self._screen_request_start(data):
-                return
+            if self._awaiting_request_line:
+                if not self._buffer and not self._busyReceiving:
+                    # A whole head is checked as it is read (and needs no screening).
+                    taken = self._take_head(data)
+                    if taken is None:
+                        return
+                    if taken is not data:
+                        super().dataReceived(taken)
+                        return
+                if not self._screen_request_start(data):
+                    return
         super().dataReceived(data)
+
+    def _take_head(self, data: bytes) -> bytes | None:
+        """
+        Read a whole, well-formed request head at once; return what is left
+        for the line-by-line parser (the head's empty line and what follows),
+        or L{None} when the head was refused.
+
+        twisted.web reads a head one line at a time, each line through
+        L{LineReceiver}'s loop and two layers of C{lineReceived}: a fifth of
+        a small request's CPU.  A head that arrives whole (the usual case)
+        is split here in one go and each header handed to Twisted's own
+        C{headerReceived}, exactly as the line parser would; the last header
+        and the empty line are left to the line parser, so everything from
+        the end of the head on (body framing, C{Expect}, pipelining) is
+        Twisted's.  Anything unusual (a partial head, bare LF, obsolete line
+        folding, another HTTP version, an over-long line, too many or too
+        large headers) is left to the line parser and its strict checks,
+        with their exact answers.
+        """
+        end = data.find(b"\r\n\r\n")
+        if end <= 0:
+            return data
+        head = data[:end]
+        lines = head.split(b"\r\n")
+        count = len(lines)
+        if (
+            head.count(b"\n") != count - 1
+            or count - 1 > self.maxHeaders
+            or end - 2 * (count - 1) + self._receivedHeaderSize > self.totalHeadersSize
+            or max(map(len, lines)) > self.MAX_LENGTH
+            or not self.persistent
+        ):
+            return data
+        found = _REQUEST_LINE.fullmatch(lines[0])
+        if found is None or found.groups() not in ((b"1", b"0"), (b"1", b"1")):
+            return data
+        for line in lines[1:]:
+            if line[:1] in (b" ", b"\t"):
+                return data
+        # What HTTPChannel.lineReceived does with a request line.
+        factory = self.requestFactory
+        nonqueued = _NONQUEUED.get(factory)
+        if nonqueued is None:
+            nonqueued = _NONQUEUED[factory] = INonQueuedRequestFactory.providedBy(factory)
+        if nonqueued:
+            request = self.requestFactory(self)
+        else:
+            request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        self._command, self._path, self._version = lines[0].split(b" ")
+        self._receivedHeaderSize += end - 2 * (count - 1)
+        # ... and with every header line but the last, held back (as there)
+        # until the next line shows it is not continued.
+        for line in lines[1:-1]:
+            if not self.headerReceived(line):
+                return None
+        self._HTTPChannel__header = lines[-1] if count > 1 else b""
+        return data[end + 2 :]
 
     def _screen_request_start(self, data: bytes) -> bool:
         """Refuse bytes that cannot be the start of an HTTP/1.1 request."""
@@ -259,6 +335,7 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
             # answer until a handshake that may never come.
             self.transport.abortConnection()  # type: ignore[attr-defined]
             return
+        self._release_head()
         answering = any(getattr(r, "startedWriting", False) for r in self.requests)
         if not answering:
             self.transport.write(_plain_answer(status))
@@ -267,15 +344,85 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
         self.loseConnection()
 
+    # -- one write per response ------------------------------------------------
+
+    # twisted.web writes a response's head and its body separately; over TLS
+    # each write is a record of its own (or waits for the end of the reactor
+    # turn to be gathered).  The head is held here until the first body bytes,
+    # so that a whole small response is one write and one TLS record.
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            self._release_head()
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._held_head = b"".join(head)
+
+    def write(self, data: bytes) -> None:
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            data = head + data
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def writeSequence(self, iovec: Any) -> None:
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            iovec = [head, *iovec]
+        self.transport.writeSequence(iovec)  # type: ignore[union-attr]
+
+    def _release_head(self) -> None:
+        """Write a held head now (a response with no body, or the connection closing)."""
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            if self.transport is not None:
+                self.transport.write(head)
+
+    def loseConnection(self) -> None:
+        self._release_head()
+        super().loseConnection()
+
     def requestDone(self, request: Any) -> None:
+        self._release_head()
         super().requestDone(request)
         if self._buffer and self._in_headers:
             # A pipelined request is already partly in: its clock runs.
             self._arm_header_deadline()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
+        self._held_head = None
         self.cancel_deadlines()
         super().connectionLost(reason)
+
+
+def _write_through(transport: Any) -> None:
+    """
+    HTTP/1.1: have the TLS transport encrypt and send each write at once
+    (L{echotwist.transport.BulkTLSProtocol.write_through}).  Our channel
+    writes a small response as one buffer (L{EchoHTTPChannel.write}), so
+    Twisted's gathering of small writes until the end of the reactor turn
+    would only add a timer and a reactor trip per response.  Set before
+    anything is written, so no byte can overtake a gathered one.
+    """
+    if isinstance(transport, BulkTLSProtocol):
+        transport.write_through()
+
+
+def _aggregate_writes(transport: Any) -> None:
+    """
+    Back to gathering small writes, for HTTP/2: h2 writes every frame on its
+    own.  Nothing has been written on the connection yet (the switch happens
+    on its first bytes).
+    """
+    if isinstance(transport, BulkTLSProtocol):
+        transport.gather_small_writes()
 
 
 class _Refused(Protocol):
@@ -305,6 +452,7 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         if site is not None:
             site.connection_opened(self)
             self._counted = True
+        _write_through(transport)
         super().makeConnection(transport)
 
     # -- what the drain needs --------------------------------------------------
@@ -356,6 +504,7 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         networkProducer.unregisterProducer()
         old.setTimeout(None)
         transport = old.transport
+        _aggregate_writes(transport)
         site = self._site
         channel: Any = EchoH2Connection(site.reactor if site is not None else None)
         channel.requestFactory = self._requestFactory

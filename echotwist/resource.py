@@ -215,15 +215,25 @@ class EchoResource(Resource):
         content = request.content
         in_memory = isinstance(content, _InMemoryBody)
         if in_memory:
-            body = cast(_InMemoryBody, content).getvalue()
-            length = len(body)
+            memory = cast(_InMemoryBody, content)
+            length = memory.size
         else:
             spool = cast("IO[bytes]", content)
             spool.seek(0, 2)
             length = spool.tell()
-        status = self.early_status(
-            request.method, request.uri, request.requestHeaders, length, request.getClientAddress()
-        )
+        if getattr(request, "accepted", False):
+            # An EchoRequest decided at its head (path, method, token, the
+            # declared size), and refuses a body that grows past the limit
+            # as it arrives: nothing is left to decide.
+            status = None
+        else:
+            status = self.early_status(
+                request.method,
+                request.uri,
+                request.requestHeaders,
+                length,
+                request.getClientAddress(),
+            )
         if status is not None:
             return refuse(request, status)
         content_type = request.requestHeaders.getRawHeaders(b"content-type")
@@ -231,7 +241,16 @@ class EchoResource(Resource):
             b"content-type", content_type[0] if content_type else DEFAULT_CONTENT_TYPE
         )
         if in_memory:
-            return body
+            chunks = memory.chunks()
+            if len(chunks) == 1:
+                return chunks[0]
+            # Written as the chunks it arrived in: joining a large body first
+            # would copy it once more.
+            request.setHeader(b"content-length", b"%d" % length)
+            for chunk in chunks:
+                request.write(chunk)
+            request.finish()
+            return server.NOT_DONE_YET
         spool.seek(0)
         if length <= MEMORY_BODY_MAX:
             return spool.read()
@@ -322,6 +341,15 @@ class _InMemoryBody:
         self._pos = self._size
         return len(data)
 
+    @property
+    def size(self) -> int:
+        """The body's length so far."""
+        return self._size
+
+    def chunks(self) -> list[bytes]:
+        """The body as the chunks it arrived in (at least one, maybe empty)."""
+        return self._chunks or [b""]
+
     def getvalue(self) -> bytes:
         if len(self._chunks) != 1:
             self._chunks = [b"".join(self._chunks)]
@@ -400,6 +428,8 @@ class EchoRequest(server.Request):
         self._http1 = isinstance(channel, HTTPChannel)
         self.started = time.monotonic()
         self.early: int | None = None
+        #: L{EchoResource.early_status} has accepted this request's head.
+        self.accepted = False
         self.body_received = 0
         self._answered = False
         self._registered = self._is_http1
@@ -461,7 +491,17 @@ class EchoRequest(server.Request):
                 self.content = _Discard()
                 self._release_memory()
             return
-        body_expected = self.channel.length != 0 if self._is_http1 else length != 0
+        self.accepted = True
+        if self._is_http1:
+            # The bytes after the head wait in the line parser's buffer: when
+            # the whole body is there already, it is read before this call
+            # returns, and no clock is needed.
+            pending = self.channel.length
+            body_expected = pending != 0 and (
+                pending is None or len(self.channel._buffer) < pending
+            )
+        else:
+            body_expected = length != 0
         if body_expected:
             self._start_body_clock()
 
@@ -591,11 +631,16 @@ class EchoRequest(server.Request):
     def _stop_lingering(self) -> None:
         """Enough of a refused body has been read: close the connection now."""
         self._cancel_linger()
-        if self.channel is not None and self.channel.transport is not None:
+        channel = self.channel
+        if (
+            channel is not None
+            and channel.transport is not None
+            and not getattr(channel.transport, "disconnecting", False)
+        ):
             # The channel's loseConnection, not the transport's: the channel is
             # registered as the transport's producer, and TLS holds its close
             # until that producer is unregistered.
-            self.channel.loseConnection()
+            channel.loseConnection()
 
     def _cancel_linger(self) -> None:
         if self._linger is not None and self._linger.active():

@@ -27,12 +27,12 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints, interfaces
+from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echotwist import certs, limits, tls, tokens
+from echotwist import certs, limits, logs, tls, tokens, transport
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -214,7 +214,7 @@ class Options(usage.Options):
             ) from None
 
 
-class EchoServerService(StreamServerEndpointService):
+class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
     """
     Listens when twistd starts services, and says where; on stop, stops
     listening and drains the site's connections within the grace period.
@@ -309,14 +309,18 @@ def makeService(options: Options) -> service.IService:
     if options["workers"] > 1:
         from echotwist.workers import WorkerPool
 
-        return WorkerPool(options, reactor)
-    endpoint = endpoints.SSL4ServerEndpoint(
+        pool = WorkerPool(options, reactor)
+        pool.log_observer = logs.observer_for_twistd(options)
+        return pool
+    endpoint = transport.listen_tls(
         reactor,
         options["port"],
         options["context-factory"],
         backlog=LISTEN_BACKLOG,
         interface=options["interface"],
     )
-    return EchoServerService(
+    server = EchoServerService(
         endpoint, build_site(options), options["cafile"], options["grace"], reactor
     )
+    server.log_observer = logs.observer_for_twistd(options)
+    return server

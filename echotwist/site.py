@@ -27,6 +27,7 @@ from twisted.web.resource import IResource
 from echotwist.channel import EchoChannelProtocol, EchoHTTPChannel, refused_protocol
 from echotwist.drain import ConnectionTracker
 from echotwist.limits import Limits
+from echotwist.logs import ACCESS_FORMAT
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
 
@@ -37,8 +38,6 @@ _limits_log = Logger(namespace="echotwist.limits")
 # a descriptor) and takes the class's name instead of this namespace.
 _access_log = Logger(namespace="echotwist.access")
 
-#: The access-log event's format: the line, pre-formatted by L{EchoSite.log}.
-ACCESS_FORMAT = "{line}"
 #: peer, method, path, status, bytes in, bytes out, duration in ms.
 _ACCESS_LINE = "%s %s %s %d in=%d out=%d %.1fms"
 

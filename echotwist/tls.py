@@ -34,6 +34,8 @@ TLS12_CIPHERS = (
 )
 #: TLS 1.3 suites are all AEAD and forward-secret.
 TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+#: OpenSSL's C{SSL_MODE_ENABLE_PARTIAL_WRITE} (ssl.h; pyOpenSSL does not export it).
+SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
 #: Server preference: HTTP/2 first.
 ALPN_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 
@@ -79,6 +81,11 @@ class HardenedContextFactory(ssl.DefaultOpenSSLContextFactory):
         # Free a connection's read and write buffers (~34 KiB) while it is idle:
         # most of what an idle keep-alive connection costs.
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        # pyOpenSSL turns partial writes on: SSL_write then returns after each
+        # 16 KiB record.  Off, one SSL_write encrypts a whole slice of a large
+        # response (echotwist.transport); a memory BIO never refuses a write,
+        # so nothing else changes.
+        ctx.clear_mode(SSL_MODE_ENABLE_PARTIAL_WRITE)
         self._context = ctx
 
 

@@ -21,18 +21,14 @@ from typing import Any
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
-    FileLogObserver,
     ILogObserver,
-    LogEvent,
     Logger,
-    formatEventAsClassicLogText,
-    formatTime,
     globalLogBeginner,
     jsonFileLogObserver,
-    timeFormatRFC3339,
 )
 from twisted.python import usage
 
+from echotwist.logs import TextLogObserver
 from echotwist.service import EchoServerService, Options, build_site
 from echotwist.workers import LOG_RELAY, LOG_TEXT, AdoptedTLSServerEndpoint
 
@@ -62,23 +58,10 @@ class WorkerOptions(Options):
 
 def text_observer(out: Any, worker: int) -> ILogObserver:
     """
-    twistd's own text format (C{textFileLogObserver}), with C{[worker PID] }
-    where the message starts, as the parent's relay used to put it.
+    twistd's own text lines, with C{[worker PID] } where the message starts,
+    as the parent's relay used to put it.
     """
-    prefix = f"[worker {worker}] "
-
-    def time_of(when: float | None) -> str:
-        return formatTime(when, timeFormatRFC3339)
-
-    def format_event(event: LogEvent) -> str | None:
-        text = formatEventAsClassicLogText(event, formatTime=time_of)
-        if not text:
-            return text
-        # "TIME [namespace#level] message": the system field holds no "] ".
-        cut = text.find("] ") + 2
-        return text[:cut] + prefix + text[cut:] if cut > 1 else prefix + text
-
-    return FileLogObserver(out, format_event)
+    return TextLogObserver(out, prefix=f"[worker {worker}] ")
 
 
 def _watch_parent(parent: int, reactor: Any) -> None:

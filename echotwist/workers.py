@@ -44,11 +44,12 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotwist import tokens
+from echotwist.logs import STDOUT, TwistdLogObserver, twistd_log_target
+from echotwist.transport import TLSServerEndpoint
 
 #: The fd number the listening socket has in every child.
 CHILD_FD = 3
@@ -70,20 +71,9 @@ LOG_RELAY = "json"
 def twistd_logs_to_stdout(options: Any) -> bool:
     """
     Whether the twistd running this plugin sends its log to stdout as plain
-    text (C{-n} without C{--logfile}, or C{--logfile -}), so that children can
-    write theirs to the same stdout.  C{False} without twistd (no parent
-    options), and for a log file, syslog or a C{--logger} of its own.
+    text, so that children can write theirs to the same stdout.
     """
-    twistd = getattr(options, "parent", None)
-    if twistd is None:
-        return False
-    try:
-        if twistd["syslog"] or twistd["logger"]:
-            return False
-        logfile = twistd["logfile"]
-        return bool(logfile == "-" or (twistd["nodaemon"] and not logfile))
-    except KeyError:
-        return False
+    return twistd_log_target(options) == STDOUT
 
 
 def bind_listening_socket(interface: str, port: int, backlog: int) -> socket.socket:
@@ -111,12 +101,12 @@ class AdoptedTLSServerEndpoint:
     """Serve TLS on a listening socket this process inherited as a file descriptor."""
 
     def __init__(self, reactor: Any, fileno: int, family: int, context_factory: Any) -> None:
-        self._inner = AdoptedStreamServerEndpoint(reactor, fileno, family)
-        self._context_factory = context_factory
+        self._inner = TLSServerEndpoint(
+            AdoptedStreamServerEndpoint(reactor, fileno, family), context_factory
+        )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        wrapped = TLSMemoryBIOFactory(self._context_factory, False, protocolFactory)
-        return self._inner.listen(wrapped)
+        return self._inner.listen(protocolFactory)
 
 
 #: Options the parent resolves itself and hands over in its own form (the
@@ -175,7 +165,7 @@ class WorkerProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
-class WorkerPool(service.Service):
+class WorkerPool(TwistdLogObserver, service.Service):
     """
     The twistd service of C{--workers N}: bind, spawn, supervise, stop.
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twisted.internet import endpoints, reactor
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock, deferLater
@@ -35,7 +35,7 @@ from twisted.web.client import (
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from echotwist import certs, tls, tokens
+from echotwist import certs, tls, tokens, transport
 from echotwist.limits import FailureLimiter, Limits
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
 from echotwist.site import EchoSite
@@ -122,7 +122,7 @@ async def listen_tls(case: TestCase, site: Site, interface: str = "127.0.0.1") -
     """Serve any Site over the development certificate on port 0; stop at cleanup."""
     paths = dev_certs()
     factory = tls.server_context_factory(paths.server_cert, paths.server_key)
-    endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, factory, interface=interface)
+    endpoint = transport.listen_tls(reactor, 0, factory, interface=interface)
     listening = await endpoint.listen(site)
     case.addCleanup(listening.stopListening)
     return listening

@@ -5,6 +5,7 @@ logging one line per request, and stopping gracefully on SIGTERM.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -91,6 +92,17 @@ class DaemonModeTests(TestCase):
         daemon.stop(signal.SIGTERM)
         self.assertFalse(daemon.pidfile.exists())
         self.assertIn("Server Shut Down.", daemon.log())
+
+    def test_sigusr1_rotates_the_logfile_as_twistd_does(self) -> None:
+        daemon = start_daemon(self)
+        os.kill(daemon.pid, signal.SIGUSR1)
+        rotated = daemon.logfile.with_name(daemon.logfile.name + ".1")
+        wait_until(rotated.exists, 10, "the rotated log file")
+        self.assertIn("listening on", rotated.read_text())
+        answer = curl(self, daemon.url, daemon.token, daemon.cafile, b"after rotation")
+        self.assertEqual((answer.status, answer.body), (200, b"after rotation"))
+        wait_until(lambda: "POST /echo 200" in daemon.log(), 10, "the access line in the new file")
+        self.assertNotIn("POST /echo 200", rotated.read_text())
 
     def test_daemon_with_workers_serves_http2_and_http11(self) -> None:
         daemon = start_daemon(self, "--workers", "2")

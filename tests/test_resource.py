@@ -284,3 +284,30 @@ class LargeBodyTests(TestCase):
             request.producer.resumeProducing()
         self.assertEqual(b"".join(request.written), body)
         self.assertTrue(request.finished)
+
+
+class PiecewiseBodyTests(TestCase):
+    """A body kept in memory is echoed as the pieces it arrived in, with one exact length."""
+
+    def test_body_arriving_in_pieces_is_echoed_byte_for_byte(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        body = bytes(range(256)) * 2000 + b"odd"
+        request = raw_request(body, TOKEN)
+        cut = len(request) - len(body)
+        out = server.feed(request[:cut])
+        for start in range(0, len(body), 77777):
+            out += server.feed(body[start : start + 77777])
+        response = parse_response(out)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-length"), b"%d" % len(body))
+        self.assertEqual(response.body, body)
+        self.assertEqual(parse_response(server.feed(raw_request(b"next", TOKEN))).body, b"next")
+
+    def test_empty_body_is_echoed_empty(self) -> None:
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        response = parse_response(server.feed(raw_request(b"", TOKEN)))
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-length"), b"0")
+        self.assertEqual(response.body, b"")

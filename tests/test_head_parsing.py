@@ -1,0 +1,126 @@
+"""
+A request head that arrives whole is read in one go
+(L{echotwist.channel.EchoHTTPChannel._take_head}); one that arrives in pieces
+goes through twisted.web's line parser.  Whatever the head, well-formed or
+hostile, the answer must be the same byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import TestCase
+
+from tests.support import InMemoryHTTP
+
+TOKEN = "e" * 40
+_DATE = re.compile(rb"(?im)^date: [^\r\n]*\r\n")
+
+request_lines = st.sampled_from(
+    [
+        b"POST /echo HTTP/1.1",
+        b"POST /echo HTTP/1.0",
+        b"POST /echo?x=1 HTTP/1.1",
+        b"GET /echo HTTP/1.1",
+        b"POST /other HTTP/1.1",
+        b"POST /echo HTTP/2.0",
+        b"POST /echo HTTP/1.1 extra",
+        b"POST  /echo HTTP/1.1",
+        b"P\x00ST /echo HTTP/1.1",
+        b"POST /echo",
+    ]
+)
+header_lines = st.sampled_from(
+    [
+        b"Token: " + TOKEN.encode(),
+        b"Authorization: Bearer " + TOKEN.encode(),
+        b"Token: wrong",
+        b"Content-Type: text/plain",
+        b"Content-Length: 5",
+        b"Content-Length: 0",
+        b"Content-Length: 5, 5",
+        b"Content-Length: -1",
+        b"Content-Length: 99999999999",
+        b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding: gzip",
+        b"Expect: 100-continue",
+        b"Connection: close",
+        b"Connection: keep-alive",
+        b"Host: localhost",
+        b" folded continuation",
+        b"\tfolded continuation",
+        b"No-Colon-Here",
+        b"Bad Name: x",
+        b"X-Bare-CR: a\rb",
+        b"X-Bare-LF: a\nb",
+        b"X-Nul: a\x00b",
+        b": empty name",
+        b"X-Long: " + b"a" * 9000,
+    ]
+)
+bodies = st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"hello" * 3])
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    line = draw(request_lines)
+    headers = draw(st.lists(header_lines, max_size=8))
+    head = b"\r\n".join([line, *headers]) + b"\r\n\r\n"
+    return head + draw(bodies)
+
+
+def answer(request: bytes, piece: int) -> bytes:
+    """
+    What the server writes for these bytes fed C{piece} bytes at a time, as a
+    TCP transport delivers them: nothing more once the server has closed.
+    """
+    server = InMemoryHTTP(TOKEN)
+    out = b""
+    try:
+        for i in range(0, len(request), piece):
+            if server.transport.disconnecting:
+                break
+            out += server.feed(request[i : i + piece])
+        server.clock.advance(30)
+        out += server.transport.value()
+    finally:
+        server.close()
+    return _DATE.sub(b"", out)
+
+
+class WholeHeadTests(TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(first=requests(), second=requests())
+    def test_a_whole_head_is_answered_as_one_read_line_by_line(
+        self, first: bytes, second: bytes
+    ) -> None:
+        pipelined = first + second
+        whole = answer(pipelined, len(pipelined))
+        self.assertEqual(whole, answer(pipelined, 1))
+        self.assertEqual(whole, answer(pipelined, 7))
+
+    def test_the_usual_request_takes_the_whole_head_path(self) -> None:
+        request = b"POST /echo HTTP/1.1\r\nToken: %s\r\nContent-Length: 5\r\n\r\nhello" % (
+            TOKEN.encode()
+        )
+        server = InMemoryHTTP(TOKEN)
+        channel = server.protocol._channel
+        taken: list[bytes] = []
+        original = channel._take_head
+
+        def spy(data: bytes) -> bytes | None:
+            left = original(data)
+            taken.append(left or b"")
+            return left
+
+        channel._take_head = spy
+        try:
+            out = server.feed(request)
+        finally:
+            server.close()
+        self.assertIn(b"\r\n\r\nhello", out)
+        # The head was read in one go: only its empty line and the body were
+        # left to the line parser.
+        self.assertEqual(taken, [b"\r\nhello"])

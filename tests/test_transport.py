@@ -1,0 +1,403 @@
+"""
+The server's TLS transport (L{echotwist.transport}).
+
+Two kinds of test.  The first drive a L{BulkTLSProtocol} by hand against a
+pyOpenSSL client over memory BIOs, so that they can count exactly how bytes
+are batched; they also pin every private piece of Twisted the transport
+relies on (C{_flushReceiveBIO}, C{_write}, the TCP transport's queue, its
+C{bufferSize} and C{SEND_LIMIT}): if Twisted changes one, a test here fails.
+The others run the real server over real TLS on loopback with a stdlib client
+that controls every write.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from OpenSSL import SSL
+from OpenSSL._util import lib as openssl_lib
+from twisted.internet import abstract, tcp
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from echotwist import tls, transport
+from tests.support import (
+    dev_certs,
+    eventually,
+    parse_response,
+    raw_request,
+    start_server,
+    tls_connect,
+)
+
+# -- driving the protocol by hand ------------------------------------------------
+
+
+class _Recorder(Protocol):
+    """Keeps every C{dataReceived} call."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.calls.append(data)
+
+
+class _Wire(StringTransport):
+    """
+    A StringTransport with the parts of Twisted's TCP transport that
+    L{BulkTLSProtocol} reads: its queue (empty here: everything is taken at
+    once) and C{writeSomeData}, which counts the sends.
+    """
+
+    connected = True
+    offset = 0
+    dataBuffer = b""
+    _tempDataLen = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sends: list[int] = []
+        self.queued: list[int] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        self.sends.append(len(data))
+        self.io.write(data)
+        return len(data)
+
+    def write(self, data: bytes) -> None:
+        self.queued.append(len(data))
+        super().write(data)
+
+
+class _Pair:
+    """A server L{BulkTLSProtocol} and a pyOpenSSL client, joined by hand."""
+
+    def __init__(self) -> None:
+        paths = dev_certs()
+        context_factory = tls.server_context_factory(paths.server_cert, paths.server_key)
+        self.app = _Recorder()
+        factory = transport.tls_factory(context_factory, Factory.forProtocol(lambda: self.app))
+        self.server = factory.buildProtocol(None)
+        self.wire = _Wire()
+        self.server.makeConnection(self.wire)
+        client_context = SSL.Context(SSL.TLS_METHOD)
+        client_context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+        client_context.clear_mode(tls.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        self.client = SSL.Connection(client_context, None)
+        self.client.set_connect_state()
+        #: Every byte of plaintext the client has read.
+        self.received = b""
+
+    def to_server(self) -> None:
+        """Everything the client has written, to the server in one read."""
+        data = self._drain(self.client)
+        if data:
+            self.server.dataReceived(data)
+
+    def to_client(self) -> bytes:
+        """Feed the server's output to the client; return the plaintext."""
+        data = self.wire.value()
+        self.wire.clear()
+        if data:
+            self.client.bio_write(data)
+        plain = b""
+        while True:
+            try:
+                plain += self.client.recv(1 << 20)
+            except SSL.WantReadError:
+                self.received += plain
+                return plain
+
+    def handshake(self) -> None:
+        for _ in range(10):
+            try:
+                self.client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            self.to_server()
+            self.to_client()
+            if self.server._handshakeDone and self.client.get_state_string().startswith(b"SSL"):
+                break
+        self.to_server()
+        self.to_client()
+        self.wire.sends.clear()
+        self.wire.queued.clear()
+
+    def client_send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = self.client.send(view)
+            view = view[sent:]
+
+    @staticmethod
+    def _drain(connection: SSL.Connection) -> bytes:
+        out = b""
+        while True:
+            try:
+                out += connection.bio_read(1 << 22)
+            except SSL.WantReadError:
+                return out
+
+
+class ReceiveBatchingTests(TestCase):
+    def test_plaintext_of_one_read_is_delivered_in_one_call(self) -> None:
+        """
+        Sixteen records arriving in one read reach the protocol in one
+        C{dataReceived}: Twisted's C{dataReceived} calls the overridden
+        C{_flushReceiveBIO} (with Twisted's own, sixteen calls).
+        """
+        pair = _Pair()
+        pair.handshake()
+        body = os.urandom(16 * transport.MAX_RECORD)
+        pair.client_send(body)
+        pair.to_server()
+        self.assertEqual(pair.app.calls, [body])
+
+    def test_records_of_odd_sizes_arrive_intact_and_in_order(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        pieces = [os.urandom(n) for n in (1, 7, 16383, 16384, 16385, 3, 40000)]
+        for piece in pieces:
+            pair.client_send(piece)
+        blob = pair._drain(pair.client)
+        # Split the ciphertext at odd places too, mid-record.
+        for start in range(0, len(blob), 9973):
+            pair.server.dataReceived(blob[start : start + 9973])
+        self.assertEqual(b"".join(pair.app.calls), b"".join(pieces))
+        self.assertLess(len(pair.app.calls), len(pieces))
+
+    def test_data_before_close_notify_is_delivered_before_the_close(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        lost: list[Any] = []
+        pair.app.connectionLost = lost.append  # type: ignore[method-assign]
+        pair.client_send(b"last words")
+        pair.client.shutdown()
+        pair.to_server()
+        self.assertEqual(pair.app.calls, [b"last words"])
+        self.assertTrue(pair.wire.disconnecting)
+
+
+class WriteBatchingTests(TestCase):
+    def test_large_write_is_sent_in_one_piece_per_slice(self) -> None:
+        """
+        A 1 MiB write reaches the socket in C{1 MiB / WRITE_CHUNK} sends:
+        Twisted's C{write} calls the overridden C{_write} (with Twisted's own,
+        64 pieces of one record each would be queued).
+        """
+        pair = _Pair()
+        pair.handshake()
+        body = os.urandom(1024 * 1024)
+        pair.server.write(body)
+        self.assertEqual(len(pair.wire.sends), 1024 * 1024 // transport.WRITE_CHUNK)
+        self.assertEqual(pair.wire.queued, [])
+        self.assertEqual(pair.to_client(), body)
+
+    def test_small_writes_before_a_large_one_keep_their_order(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        body = os.urandom(100_000)
+        pair.server.write(b"head ")
+        pair.server.writeSequence([b"and ", b"more "])
+        pair.server.write(body)
+        pair.server.write(b" tail")
+        pair.server._aggregator.flush()
+        self.assertEqual(pair.to_client(), b"head and more " + body + b" tail")
+
+    def test_large_write_during_the_handshake_is_sent_after_it(self) -> None:
+        """Twisted's C{_unbufferPendingWrites} replays a buffered write through C{_write}."""
+        pair = _Pair()
+        body = os.urandom(300_000)
+        pair.server.write(body)
+        pair.handshake()
+        self.assertEqual(pair.received, body)
+
+    def test_written_through_a_small_write_is_sent_at_once(self) -> None:
+        """
+        HTTP/1.1 turns write-through on: a small response is encrypted and
+        sent by the write itself, with no timer and no wait for the reactor.
+        """
+        pair = _Pair()
+        pair.handshake()
+        pair.server.write(b"gathered ")
+        pair.server.write_through()  # flushes what was gathered first
+        pair.server.write(b"response")
+        pair.server.writeSequence([b" and ", b"more"])
+        self.assertEqual(len(pair.wire.sends), 3)
+        self.assertEqual(pair.wire.queued, [])
+        self.assertEqual(pair.to_client(), b"gathered response and more")
+
+    def test_gathering_again_for_http2(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        pair.server.write_through()
+        pair.server.gather_small_writes()
+        pair.server.write(b"frame")
+        self.assertEqual(pair.wire.sends, [])
+        pair.server._aggregator.flush()
+        self.assertEqual(pair.to_client(), b"frame")
+
+    def test_queued_remainder_when_the_kernel_takes_part(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        taken: list[int] = []
+
+        def half(data: bytes) -> int:
+            taken.append(len(data) // 2)
+            pair.wire.io.write(data[: len(data) // 2])
+            return len(data) // 2
+
+        pair.wire.writeSomeData = half  # type: ignore[method-assign]
+        body = os.urandom(transport.WRITE_CHUNK)
+        pair.server.write(body)
+        self.assertEqual(len(taken), 1)
+        self.assertEqual(len(pair.wire.queued), 1)
+        self.assertEqual(pair.to_client(), body)
+
+
+class TwistedInternalsTests(TestCase):
+    """What the transport reads or sets inside Twisted's TCP transport and pyOpenSSL."""
+
+    def test_file_descriptor_queue_is_empty_exactly_when_nothing_waits(self) -> None:
+        class Descriptor(abstract.FileDescriptor):
+            def writeSomeData(self, data: bytes) -> int:
+                return len(data)
+
+        fd = Descriptor(MemoryReactor())
+        fd.connected = 1
+        self.assertEqual((fd._tempDataLen, fd.offset, len(fd.dataBuffer)), (0, 0, 0))
+        fd.write(b"queued")
+        self.assertEqual(fd._tempDataLen, 6)
+        fd.doWrite()
+        self.assertEqual(fd._tempDataLen, 0)
+        self.assertEqual(fd.offset, len(fd.dataBuffer))
+
+    def test_tcp_reads_buffer_size_and_sends_at_most_send_limit(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        app = _Recorder()
+        connection = tcp.Connection(ours, app, MemoryReactor())
+        self.addCleanup(connection.socket.close)
+        connection.bufferSize = 5
+        connection.SEND_LIMIT = 3
+        theirs.sendall(b"0123456789")
+        time.sleep(0.05)
+        connection.doRead()
+        self.assertEqual(app.calls, [b"01234"])
+        self.assertEqual(connection.writeSomeData(b"abcdef"), 3)
+        self.assertEqual(theirs.recv(10), b"abc")
+
+    def test_protocol_sets_the_tcp_transport_sizes(self) -> None:
+        pair = _Pair()
+        self.assertEqual(pair.wire.bufferSize, transport.READ_SIZE)  # type: ignore[attr-defined]
+        self.assertEqual(pair.wire.SEND_LIMIT, transport.SEND_LIMIT)  # type: ignore[attr-defined]
+
+    def test_partial_write_constant_is_openssls(self) -> None:
+        self.assertEqual(
+            tls.SSL_MODE_ENABLE_PARTIAL_WRITE, openssl_lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+        )
+
+    def test_server_context_has_partial_writes_off(self) -> None:
+        paths = dev_certs()
+        context = tls.server_context_factory(paths.server_cert, paths.server_key).getContext()
+        mode = context.set_mode(0)
+        self.assertFalse(mode & tls.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        self.assertTrue(mode & SSL.MODE_RELEASE_BUFFERS)
+
+
+# -- the real server ----------------------------------------------------------------
+
+
+def _read_response(sock: Any, limit: float = 20.0) -> bytes:
+    """One response with a Content-Length, read into a bytearray (multi-MiB friendly)."""
+    data = bytearray()
+    end = time.monotonic() + limit
+    want: int | None = None
+    while want is None or len(data) < want:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+        if want is None:
+            head, sep, _ = bytes(data[:65536]).partition(b"\r\n\r\n")
+            if sep:
+                length = parse_response(head + b"\r\n\r\n").header(b"content-length")
+                want = len(head) + 4 + int(length or 0)
+    return bytes(data)
+
+
+class LiveBulkTests(TestCase):
+    async def test_multi_megabyte_bodies_are_echoed_byte_for_byte(self) -> None:
+        """In memory (1 MiB), spooled (5 MiB), then small, on one connection."""
+        server = await start_server(self)
+        bodies = [os.urandom(1024 * 1024), os.urandom(5 * 1024 * 1024 + 7), b"tiny"]
+
+        def exchange() -> list[bytes]:
+            with tls_connect(server.port, timeout=20) as sock:
+                answers = []
+                for body in bodies:
+                    sock.sendall(raw_request(body, server.token))
+                    answers.append(parse_response(_read_response(sock)).body)
+                return answers
+
+        answers = await deferToThread(exchange)
+        self.assertEqual([len(a) for a in answers], [len(b) for b in bodies])
+        self.assertTrue(all(a == b for a, b in zip(answers, bodies, strict=True)))
+
+    async def test_body_in_odd_sized_records_is_echoed(self) -> None:
+        server = await start_server(self)
+        sizes = [1, 7, 16383, 16385, 3, 100003, 65537, 16384, 2, 250001]
+        body = os.urandom(sum(sizes))
+
+        def exchange() -> bytes:
+            with tls_connect(server.port, timeout=20) as sock:
+                request = raw_request(body, server.token)
+                head = request[: request.index(b"\r\n\r\n") + 4]
+                sock.sendall(head)
+                start = 0
+                for size in sizes:
+                    sock.sendall(body[start : start + size])  # one SSL_write each
+                    start += size
+                return _read_response(sock)
+
+        response = parse_response(await deferToThread(exchange))
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, body)
+
+    async def test_connection_closed_mid_body_frees_everything(self) -> None:
+        server = await start_server(self)
+        site: Any = server.site
+        declared = 1024 * 1024
+
+        def cut_off() -> None:
+            with tls_connect(server.port) as sock:
+                head = raw_request(b"", server.token).replace(
+                    b"Content-Length: 0", b"Content-Length: %d" % declared
+                )
+                sock.sendall(head + os.urandom(300_000))
+                time.sleep(0.2)
+                # No close_notify: the TCP connection just ends.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        await deferToThread(cut_off)
+        await eventually(lambda: len(site.tracker) == 0, 5, "the connection to be closed")
+        self.assertEqual(site.resource.memory_in_use, 0)
+
+        def another() -> bytes:
+            with tls_connect(server.port) as sock:
+                sock.sendall(raw_request(b"still here", server.token))
+                return _read_response(sock)
+
+        self.assertEqual(parse_response(await deferToThread(another)).body, b"still here")
