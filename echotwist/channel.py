@@ -14,11 +14,12 @@ gaps:
     that cannot start a request line, bare-LF line ends and obsolete line
     folding, answers 505 to other HTTP versions and 431 to over-long lines,
     and logs each malformed connection once.
-  - L{EchoH2Connection} lets a request refused at its headers answer as soon
-    as its stream is registered, resets a stream the server has finished
-    while the client is still sending it (C{RST_STREAM NO_ERROR}, RFC 9113
-    section 8.1), ignores frames for streams it no longer tracks, and puts
-    the same header deadline on header blocks and on the first request.
+  - L{EchoH2Connection} (in L{echotwist.h2}) lets a request refused at its
+    headers answer as soon as its stream is registered, resets a stream the
+    server has finished while the client is still sending it (C{RST_STREAM
+    NO_ERROR}, RFC 9113 section 8.1), ignores frames for streams it no longer
+    tracks, and puts the same header deadline on header blocks and on the
+    first request.
   - L{EchoChannelProtocol} is the per-connection protocol the site builds: it
     picks one of the two by ALPN, counts connections for the site's cap and
     logs failed TLS handshakes.
@@ -29,13 +30,9 @@ from __future__ import annotations
 import re
 from typing import Any, cast
 
-import h2.errors
-import h2.exceptions
-import h2.stream
-import priority
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IProtocol
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,12 +41,13 @@ from twisted.web._http2 import H2Connection
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
 
+from echotwist.addresses import CachedAddresses as _CachedAddresses
+from echotwist.h2 import EchoH2Connection
 from echotwist.limits import Deadline, limits_of
 from echotwist.peers import describe_peer
 from echotwist.resource import (
     HEADER_FIELDS_TOO_LARGE,
     SERVER_NAME,
-    EchoRequest,
     refusal_body,
     status_line,
 )
@@ -88,28 +86,6 @@ def _plain_answer(status: int) -> bytes:
         + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
         + body
     )
-
-
-class _CachedAddresses:
-    """
-    Ask the socket for its addresses once per connection, not once per request
-    (each ask is a syscall; every request's access-log line wants the peer).
-    """
-
-    _host: Any = None
-    _peer: Any = None
-
-    def getHost(self) -> Any:
-        """The local address, asked of the socket once (a syscall) per connection."""
-        if self._host is None:
-            self._host = super().getHost()  # type: ignore[misc]
-        return self._host
-
-    def getPeer(self) -> Any:
-        """The peer's address, once per connection."""
-        if self._peer is None:
-            self._peer = super().getPeer()  # type: ignore[misc]
-        return self._peer
 
 
 class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
@@ -424,120 +400,6 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         self._held_head = None
         self.cancel_deadlines()
         super().connectionLost(reason)
-
-
-class EchoH2Connection(_CachedAddresses, H2Connection):
-    """
-    An L{H2Connection} that answers refused streams at once and survives the
-    client's late frames for them.
-    """
-
-    def __init__(self, reactor: Any = None) -> None:
-        super().__init__(reactor)
-        # Our own response headers need no checking by h2 (they are Twisted's,
-        # already validated); inbound validation stays on.  Normalisation
-        # stays on too: it lowercases Twisted's Title-Case names for HTTP/2.
-        self.conn.config.validate_outbound_headers = False
-        self._header_call: IDelayedCall | None = None
-        self._seen_request = False
-
-    # -- the header deadline ---------------------------------------------------
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._arm_header_deadline()
-
-    def _arm_header_deadline(self) -> None:
-        if self._header_call is None:
-            timeout = limits_of(self.site).header_timeout
-            self._header_call = self._reactor.callLater(timeout, self._headers_too_slow)
-
-    def _cancel_header_deadline(self) -> None:
-        if self._header_call is not None and self._header_call.active():
-            self._header_call.cancel()
-        self._header_call = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_call = None
-        _log.info(
-            "closing HTTP/2 connection from {peer}: headers not received in time",
-            peer=describe_peer(self.getPeer()),
-        )
-        self.timeoutConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        # A header block split over CONTINUATION frames is buffered inside h2
-        # until it ends; while one is open, the header clock runs.
-        partial = bool(getattr(self.conn, "_header_frames", None))
-        if partial:
-            self._arm_header_deadline()
-        elif self._seen_request:
-            self._cancel_header_deadline()
-
-    def connectionLost(self, reason: Failure = _DONE, _cancelTimeouts: bool = True) -> None:
-        self._cancel_header_deadline()
-        super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
-
-    # -- streams ---------------------------------------------------------------
-
-    def _requestReceived(self, event: Any) -> None:
-        self._seen_request = True
-        super()._requestReceived(event)
-        stream = self.streams.get(event.stream_id)
-        request = getattr(stream, "_request", None)
-        if isinstance(request, EchoRequest):
-            request.stream_registered()
-
-    def _requestDataReceived(self, event: Any) -> None:
-        if event.stream_id not in self.streams:
-            # DATA for a stream we have finished but h2 still has open: give
-            # the flow-control window back so other streams are not starved.
-            self._acknowledge(event.flow_controlled_length, event.stream_id)
-            return
-        super()._requestDataReceived(event)
-
-    def _acknowledge(self, length: int, stream_id: int) -> None:
-        if length:
-            try:
-                self.conn.acknowledge_received_data(length, stream_id)
-            except h2.exceptions.ProtocolError:
-                return
-            self._tryToWriteControlData()
-
-    def _requestEnded(self, event: Any) -> None:
-        if event.stream_id in self.streams:
-            super()._requestEnded(event)
-
-    def _requestAborted(self, event: Any) -> None:
-        if event.stream_id in self.streams:
-            super()._requestAborted(event)
-
-    def _handlePriorityUpdate(self, event: Any) -> None:
-        if event.stream_id <= self.conn.highest_inbound_stream_id and (
-            event.stream_id not in self.streams
-        ):
-            # A finished stream: re-inserting it would leak a tree node.
-            return
-        try:
-            super()._handlePriorityUpdate(event)
-        except priority.TooManyStreamsError:
-            self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-            self._terminate(Failure(ConnectionError("too many prioritised streams")))
-
-    def _requestDone(self, streamID: int) -> None:
-        super()._requestDone(streamID)
-        # Our response has ended the stream; if the client is still sending
-        # (a request answered before its body), ask it to stop (RFC 9113 8.1).
-        stream = self.conn.streams.get(streamID)
-        if stream is None or not self._stillProducing:
-            return
-        if stream.state_machine.state == h2.stream.StreamState.HALF_CLOSED_LOCAL:
-            try:
-                self.conn.reset_stream(streamID, h2.errors.ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
-                return
-            self._tryToWriteControlData()
 
 
 def _write_through(transport: Any) -> None:

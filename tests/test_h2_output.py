@@ -1,0 +1,426 @@
+"""
+How L{echotwist.h2} sends responses: what one read produces leaves in one
+write, a small response's DATA frame carries END_STREAM, and everything that
+cannot go at once (large bodies, a transport pushing back) still goes through
+Twisted's own queue.  In memory: an L{EchoH2Connection} over a
+L{StringTransport}, driven by an h2 client state machine.
+
+The last tests pin the private parts of Twisted and h2 that the module
+relies on or copies, so that an upgrade that changes them fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import priority
+from hyperframe.frame import DataFrame, Frame
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import TestCase
+from twisted.web import _http2
+
+from echotwist.h2 import EchoH2Connection, _LazyPriorityTree, _ServerMachine
+from tests.support import make_site
+
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+
+
+def turns(clock: MemoryReactorClock, n: int = 10) -> None:
+    """
+    Run C{n} reactor turns' worth of due calls.  (C{clock.advance(0)} would
+    never return while Twisted's send loop reschedules itself with
+    C{callLater(0)}, as it does while a stream waits for flow control.)
+    """
+    for _ in range(n):
+        due = [call for call in clock.calls if call.getTime() <= clock.seconds()]
+        for call in due:
+            clock.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that remembers each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+class H2Exchange:
+    """A server connection and a client state machine, joined in memory."""
+
+    def __init__(self, **site_args: Any) -> None:
+        self.clock = MemoryReactorClock()
+        site = make_site(TOKEN, clock=self.clock, **site_args)
+        self.server = EchoH2Connection(self.clock)
+        self.server.site = site
+        self.server.factory = site
+        self.server.requestFactory = site.requestFactory
+        self.server.callLater = self.clock.callLater
+        self.transport = CountingTransport()
+        self.server.makeConnection(self.transport)
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.client.initiate_connection()
+        self.events: list[Any] = []
+        self.frames: list[Frame] = []
+        self.send()  # preface and SETTINGS
+        self.receive()
+        self.send()  # SETTINGS ACK
+
+    def request(self, body: bytes, token: str = TOKEN, end: bool = True) -> int:
+        sid = self.client.get_next_available_stream_id()
+        self.client.send_headers(
+            sid,
+            [
+                (b":method", b"POST"),
+                (b":path", b"/echo"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+                (b"token", token.encode()),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        )
+        self.send_body(sid, body, end)
+        return sid
+
+    def send_body(self, sid: int, body: bytes, end: bool = True) -> None:
+        """Queue a body in frames the server accepts (16 KiB at most)."""
+        chunks = [body[i : i + 16384] for i in range(0, len(body), 16384)] or [b""]
+        for i, chunk in enumerate(chunks):
+            self.client.send_data(sid, chunk, end_stream=end and i == len(chunks) - 1)
+
+    def send(self) -> None:
+        """Hand what the client has prepared to the server, as one read."""
+        data = self.client.data_to_send()
+        if data:
+            self.transport.writes.clear()
+            self.server.dataReceived(data)
+
+    def receive(self) -> None:
+        """Let the client read everything the server wrote."""
+        data = self.transport.value()
+        self.transport.clear()
+        buffer = h2.frame_buffer.FrameBuffer(server=False)
+        buffer.max_frame_size = 2**24 - 1
+        buffer.add_data(data)
+        self.frames.extend(buffer)
+        for event in self.client.receive_data(data):
+            self.events.append(event)
+            if isinstance(event, h2.events.DataReceived):
+                self.client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+
+    def bodies(self) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for event in self.events:
+            if isinstance(event, h2.events.DataReceived):
+                out[event.stream_id] = out.get(event.stream_id, b"") + event.data
+        return out
+
+    def ended(self) -> set[int]:
+        return {e.stream_id for e in self.events if isinstance(e, h2.events.StreamEnded)}
+
+    def statuses(self) -> dict[int, bytes]:
+        return {
+            e.stream_id: dict(e.headers)[b":status"]
+            for e in self.events
+            if isinstance(e, h2.events.ResponseReceived)
+        }
+
+    def close(self) -> None:
+        self.server.connectionLost()
+        for call in self.clock.getDelayedCalls():
+            if call.active():
+                call.cancel()
+
+
+class OneWritePerReadTests(TestCase):
+    def exchange(self, **site_args: Any) -> H2Exchange:
+        exchange = H2Exchange(**site_args)
+        self.addCleanup(exchange.close)
+        return exchange
+
+    def test_ten_streams_in_one_read_are_answered_in_one_write(self) -> None:
+        exchange = self.exchange()
+        sids = [exchange.request(b"body %d" % i) for i in range(10)]
+        exchange.send()
+        self.assertEqual(len(exchange.transport.writes), 1)
+        exchange.receive()
+        self.assertEqual(exchange.bodies(), {sid: b"body %d" % i for i, sid in enumerate(sids)})
+        self.assertEqual(exchange.ended(), set(sids))
+        self.assertEqual(set(exchange.statuses().values()), {b"200"})
+
+    def test_a_small_response_is_one_data_frame_with_end_stream(self) -> None:
+        exchange = self.exchange()
+        sid = exchange.request(b"hello")
+        exchange.send()
+        exchange.receive()
+        data = [f for f in exchange.frames if isinstance(f, DataFrame) and f.stream_id == sid]
+        self.assertEqual([(f.data, "END_STREAM" in f.flags) for f in data], [(b"hello", True)])
+
+    def test_no_timer_is_left_per_stream(self) -> None:
+        exchange = self.exchange()
+        exchange.request(b"first")
+        exchange.send()
+        turns(exchange.clock, 1)
+        before = len(exchange.clock.getDelayedCalls())
+        for _ in range(5):
+            exchange.request(b"x")
+        exchange.send()
+        self.assertEqual(len(exchange.clock.getDelayedCalls()), before)
+        self.assertEqual(exchange.server.streams, {})
+
+    def test_an_empty_body_is_echoed(self) -> None:
+        exchange = self.exchange()
+        sid = exchange.request(b"")
+        exchange.send()
+        exchange.receive()
+        self.assertEqual((exchange.statuses()[sid], exchange.bodies().get(sid, b"")), (b"200", b""))
+        self.assertIn(sid, exchange.ended())
+
+    def test_a_body_larger_than_a_frame_goes_through_twisteds_queue(self) -> None:
+        exchange = self.exchange()
+        body = bytes(range(256)) * 160  # 40 KiB: three frames of at most 16 KiB
+        sid = exchange.request(body)
+        exchange.send()
+        turns(exchange.clock, 10)
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], body)
+        self.assertIn(sid, exchange.ended())
+        frames = [f for f in exchange.frames if isinstance(f, DataFrame) and f.stream_id == sid]
+        self.assertGreater(len(frames), 2)
+
+    def test_a_body_beyond_the_clients_window_waits_for_window_update(self) -> None:
+        exchange = self.exchange()
+        exchange.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+        exchange.send()
+        exchange.receive()
+        sid = exchange.request(b"w" * 1000)
+        exchange.send()
+        turns(exchange.clock, 5)
+        exchange.receive()
+        self.assertEqual(len(exchange.bodies()[sid]), 100)
+        self.assertNotIn(sid, exchange.ended())
+        exchange.client.increment_flow_control_window(10_000, stream_id=sid)
+        exchange.send()
+        turns(exchange.clock, 5)
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], b"w" * 1000)
+        self.assertIn(sid, exchange.ended())
+
+    def test_a_paused_transport_makes_responses_wait_in_twisteds_queue(self) -> None:
+        exchange = self.exchange()
+        exchange.server.pauseProducing()
+        sid = exchange.request(b"later")
+        exchange.send()
+        exchange.receive()
+        self.assertNotIn(sid, exchange.bodies())
+        exchange.server.resumeProducing()
+        turns(exchange.clock, 5)
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], b"later")
+        self.assertIn(sid, exchange.ended())
+
+    def test_a_protocol_errors_goaway_is_written_before_the_close(self) -> None:
+        exchange = self.exchange()
+        bogus = DataFrame(2)  # DATA on a stream the client may not open
+        bogus.data = b"x"
+        exchange.transport.writes.clear()
+        exchange.server.dataReceived(bogus.serialize())
+        self.assertTrue(exchange.transport.disconnecting)
+        exchange.receive()
+        terminated = [e for e in exchange.events if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual([e.error_code for e in terminated], [h2.errors.ErrorCodes.PROTOCOL_ERROR])
+
+    def test_refusals_and_echoes_mixed_in_one_read(self) -> None:
+        exchange = self.exchange()
+        good = exchange.request(b"fine")
+        bad = exchange.request(b"nope", token="f" * 40)
+        exchange.send()
+        self.assertEqual(len(exchange.transport.writes), 1)
+        exchange.receive()
+        self.assertEqual(exchange.statuses(), {good: b"200", bad: b"401"})
+        self.assertEqual(exchange.bodies()[good], b"fine")
+        self.assertEqual(exchange.ended(), {good, bad})
+
+    def test_a_refusal_before_the_body_still_resets_the_stream(self) -> None:
+        exchange = self.exchange()
+        sid = exchange.request(b"x" * 100, token="f" * 40, end=False)
+        exchange.send()
+        exchange.receive()
+        resets = [e for e in exchange.events if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual(exchange.statuses(), {sid: b"401"})
+        self.assertEqual([(e.stream_id, e.error_code) for e in resets], [(sid, 0)])
+
+    def test_prioritised_streams_are_still_answered(self) -> None:
+        exchange = self.exchange()
+        first = exchange.request(b"a")
+        second = exchange.client.get_next_available_stream_id()
+        exchange.client.send_headers(
+            second,
+            [
+                (b":method", b"POST"),
+                (b":path", b"/echo"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+                (b"token", TOKEN.encode()),
+            ],
+            priority_weight=200,
+            priority_depends_on=0,
+            priority_exclusive=True,
+        )
+        exchange.client.prioritize(first, weight=5, depends_on=second)
+        exchange.send_body(second, b"b" * 20_000)
+        exchange.send()
+        turns(exchange.clock, 10)
+        exchange.receive()
+        self.assertEqual(exchange.bodies(), {first: b"a", second: b"b" * 20_000})
+        self.assertEqual(exchange.ended(), {first, second})
+
+
+class LazyPriorityTreeTests(TestCase):
+    """The lazy tree schedules as the real one would, and keeps its guards."""
+
+    def both(self, *operations: tuple[str, tuple[Any, ...]]) -> tuple[Any, Any]:
+        lazy, real = _LazyPriorityTree(), priority.PriorityTree()
+        for name, args in operations:
+            getattr(lazy, name)(*args)
+            getattr(real, name)(*args)
+        return lazy, real
+
+    def schedule(self, tree: Any, n: int = 12) -> list[int]:
+        return [next(tree) for _ in range(n)]
+
+    def test_default_streams_stay_out_of_the_tree_until_unblocked(self) -> None:
+        lazy, _ = self.both(("insert_stream", (1,)), ("block", (1,)))
+        self.assertRaises(priority.DeadlockError, next, lazy)
+        self.assertEqual(lazy._waiting, {1})
+        lazy.unblock(1)
+        self.assertEqual((lazy._waiting, next(lazy)), (set(), 1))
+
+    def test_removing_a_waiting_stream_touches_nothing(self) -> None:
+        lazy, _ = self.both(("insert_stream", (1,)), ("block", (1,)))
+        lazy.remove_stream(1)
+        self.assertEqual(lazy._waiting, set())
+        self.assertRaises(priority.MissingStreamError, lazy.remove_stream, 1)
+
+    def test_duplicates_are_refused_waiting_or_placed(self) -> None:
+        lazy, _ = self.both(("insert_stream", (1,)), ("insert_stream", (3, 1, 20)))
+        self.assertRaises(priority.DuplicateStreamError, lazy.insert_stream, 1)
+        self.assertRaises(priority.DuplicateStreamError, lazy.insert_stream, 3)
+
+    def test_weights_and_dependencies_schedule_as_the_real_tree(self) -> None:
+        lazy, real = self.both(
+            ("insert_stream", (1,)),
+            ("insert_stream", (3,)),
+            ("insert_stream", (5, 0, 64)),
+            ("block", (1,)),
+            ("block", (3,)),
+            ("unblock", (3,)),
+            ("unblock", (5,)),
+            ("reprioritize", (1, 3, 200)),
+            ("unblock", (1,)),
+        )
+        self.assertEqual(self.schedule(lazy), self.schedule(real))
+
+    def test_an_exclusive_dependency_adopts_waiting_streams(self) -> None:
+        lazy, real = self.both(
+            ("insert_stream", (1,)),
+            ("insert_stream", (3,)),
+            ("insert_stream", (5, 0, 16, True)),
+            ("unblock", (1,)),
+            ("unblock", (3,)),
+            ("unblock", (5,)),
+        )
+        # Stream 5 is now the parent of 1 and 3: only it is scheduled.
+        self.assertEqual(self.schedule(lazy, 4), [5, 5, 5, 5])
+        self.assertEqual(self.schedule(lazy), self.schedule(real))
+
+    def test_a_stream_depending_on_a_waiting_one_places_it(self) -> None:
+        lazy, real = self.both(
+            ("insert_stream", (1,)),
+            ("insert_stream", (3, 1)),
+            ("unblock", (3,)),
+        )
+        self.assertEqual(self.schedule(lazy, 3), [3, 3, 3])
+        lazy.unblock(1)
+        real.unblock(1)
+        self.assertEqual(self.schedule(lazy), self.schedule(real))
+
+    def test_too_many_waiting_streams_are_refused(self) -> None:
+        lazy = _LazyPriorityTree(maximum_streams=3)
+        for sid in (1, 3, 5):
+            lazy.insert_stream(sid)
+        self.assertRaises(priority.TooManyStreamsError, lazy.insert_stream, 7)
+
+
+def _body(function: Any) -> list[ast.stmt]:
+    """A function's statements, without its docstring."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return list(body)
+
+
+def _dump(statements: list[ast.stmt]) -> list[str]:
+    return [ast.dump(s) for s in statements]
+
+
+class PinnedInternalsTests(TestCase):
+    """What echotwist.h2 copies from or relies on in Twisted and h2."""
+
+    def test_receive_frame_is_h2s_less_the_trace_log_call(self) -> None:
+        theirs = [
+            s
+            for s in _body(h2.connection.H2Connection._receive_frame)
+            if "Received frame" not in ast.unparse(s)
+        ]
+        self.assertEqual(len(theirs), len(_body(h2.connection.H2Connection._receive_frame)) - 1)
+        self.assertEqual(_dump(_body(_ServerMachine._receive_frame)), _dump(theirs))
+
+    def test_twisted_uses_only_the_priority_calls_the_lazy_tree_has(self) -> None:
+        source = inspect.getsource(_http2.H2Connection)
+        tree = ast.parse(textwrap.dedent(source))
+        used = {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "priority"
+        }
+        self.assertTrue(used)
+        for name in used:
+            self.assertTrue(hasattr(_LazyPriorityTree, name), name)
+        self.assertIn("next(self.priority)", source)
+        self.assertIn("self.priority = priority.PriorityTree()", source)
+
+    def test_twisted_sends_through_the_methods_we_take_over(self) -> None:
+        stream = inspect.getsource(_http2.H2Stream)
+        self.assertIn("self._conn.writeDataToStream(self.streamID, data)", stream)
+        self.assertIn("self._conn.endRequest(self.streamID)", stream)
+        connection = inspect.getsource(_http2.H2Connection)
+        for attribute in (
+            "self._outboundStreamQueues",
+            "self._consumerBlocked",
+            "self._bufferedControlFrames",
+            "self._stillProducing",
+            "self._tryToWriteControlData()",
+            "self._requestDone(stream)",
+            "self.conn = h2.connection.H2Connection(config=config)",
+        ):
+            self.assertIn(attribute, connection)
