@@ -404,25 +404,16 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
 
 def _write_through(transport: Any) -> None:
     """
-    HTTP/1.1: have the TLS transport encrypt and send each write at once
-    (L{echotwist.transport.BulkTLSProtocol.write_through}).  Our channel
-    writes a small response as one buffer (L{EchoHTTPChannel.write}), so
-    Twisted's gathering of small writes until the end of the reactor turn
-    would only add a timer and a reactor trip per response.  Set before
-    anything is written, so no byte can overtake a gathered one.
+    Have the TLS transport encrypt and send each write at once
+    (L{echotwist.transport.BulkTLSProtocol.write_through}).  Both channels
+    already write in batches: HTTP/1.1 a small response as one buffer
+    (L{EchoHTTPChannel.write}), HTTP/2 what one read's streams produced
+    (L{echotwist.h2}).  Twisted's gathering of small writes until the end of
+    the reactor turn would only add a timer and a reactor trip to each.  Set
+    before anything is written, so no byte can overtake a gathered one.
     """
     if isinstance(transport, BulkTLSProtocol):
         transport.write_through()
-
-
-def _aggregate_writes(transport: Any) -> None:
-    """
-    Back to gathering small writes, for HTTP/2: h2 writes every frame on its
-    own.  Nothing has been written on the connection yet (the switch happens
-    on its first bytes).
-    """
-    if isinstance(transport, BulkTLSProtocol):
-        transport.gather_small_writes()
 
 
 class _Refused(Protocol):
@@ -504,7 +495,6 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         networkProducer.unregisterProducer()
         old.setTimeout(None)
         transport = old.transport
-        _aggregate_writes(transport)
         site = self._site
         channel: Any = EchoH2Connection(site.reactor if site is not None else None)
         channel.requestFactory = self._requestFactory

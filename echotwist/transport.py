@@ -166,10 +166,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
         self._aggregator.flush()
         self.write = self._write_now  # type: ignore[method-assign]
 
-    def gather_small_writes(self) -> None:
-        """Back to gathering small writes (HTTP/2 writes every frame on its own)."""
-        self.write = self._write_sized  # type: ignore[method-assign]
-
     def _write_now(self, data: bytes) -> None:
         TLSMemoryBIOProtocol.write(self, data)
 

@@ -234,16 +234,6 @@ class WriteBatchingTests(TestCase):
         self.assertEqual(pair.wire.queued, [])
         self.assertEqual(pair.to_client(), b"gathered response and more")
 
-    def test_gathering_again_for_http2(self) -> None:
-        pair = _Pair()
-        pair.handshake()
-        pair.server.write_through()
-        pair.server.gather_small_writes()
-        pair.server.write(b"frame")
-        self.assertEqual(pair.wire.sends, [])
-        pair.server._aggregator.flush()
-        self.assertEqual(pair.to_client(), b"frame")
-
     def test_queued_remainder_when_the_kernel_takes_part(self) -> None:
         pair = _Pair()
         pair.handshake()
