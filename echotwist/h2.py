@@ -39,7 +39,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection
+from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
 from echotwist.addresses import CachedAddresses
 from echotwist.limits import limits_of
@@ -230,6 +230,8 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         self._seen_request = False
         self._batching = False
         self._held: dict[int, bytes] = {}
+        #: Streams with data queued and no flow-control window to send it in.
+        self._window_blocked: set[int] = set()
 
     # -- the header deadline ---------------------------------------------------
 
@@ -262,6 +264,8 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         finally:
             self._batching = False
             self._flush()
+        if self._window_blocked:
+            self._reopen_windows()
         # A header block split over CONTINUATION frames is buffered inside h2
         # until it ends; while one is open, the header clock runs.
         partial = bool(getattr(self.conn, "_header_frames", None))
@@ -343,6 +347,48 @@ class EchoH2Connection(CachedAddresses, H2Connection):
             return
         self._release_held(streamID)
         super().endRequest(streamID)
+
+    # -- flow control ------------------------------------------------------------
+
+    # Twisted's send loop (_sendPrioritisedData) keeps choosing a stream whose
+    # flow-control window is spent: it sends nothing and schedules itself
+    # again with callLater(0), every reactor turn, until the client opens the
+    # window.  One client with a small window pinned a core that way.  Such a
+    # stream is taken out of the rotation (blocked in the priority tree) and
+    # put back when its window opens: by WINDOW_UPDATE or by a larger
+    # SETTINGS_INITIAL_WINDOW_SIZE (which Twisted does not watch).
+
+    def _sendPrioritisedData(self, *args: Any) -> None:
+        # Only streams with data queued are looked at: a small response never
+        # is (it leaves at once, see writeDataToStream).
+        for sid, queue in self._outboundStreamQueues.items():
+            if (
+                queue
+                and queue[0] is not _END_STREAM_SENTINEL
+                and self.conn.local_flow_control_window(sid) <= 0
+            ):
+                # Blocked again even if Twisted unblocked it (more data queued).
+                self.priority.block(sid)
+                self._window_blocked.add(sid)
+        super()._sendPrioritisedData(*args)
+
+    def _reopen_windows(self) -> None:
+        """Put back the streams whose window has opened; wake the send loop."""
+        reopened = False
+        for sid in list(self._window_blocked):
+            stream = self.streams.get(sid)
+            if stream is None or not self._outboundStreamQueues.get(sid):
+                self._window_blocked.discard(sid)
+                continue
+            if self.conn.local_flow_control_window(sid) > 0:
+                self._window_blocked.discard(sid)
+                self.priority.unblock(sid)
+                stream.windowUpdated()
+                reopened = True
+        waiting = self._sendingDeferred
+        if reopened and waiting is not None:
+            self._sendingDeferred = None
+            waiting.callback(None)
 
     # -- streams ---------------------------------------------------------------
 

@@ -222,6 +222,66 @@ class OneWritePerReadTests(TestCase):
         self.assertEqual(exchange.bodies()[sid], b"w" * 1000)
         self.assertIn(sid, exchange.ended())
 
+    def spent_window(self) -> tuple[H2Exchange, int]:
+        """A 1000-byte echo to a client whose windows are 100 bytes."""
+        exchange = self.exchange()
+        exchange.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+        exchange.send()
+        exchange.receive()
+        sid = exchange.request(b"w" * 1000)
+        exchange.send()
+        turns(exchange.clock, 5)
+        exchange.receive()
+        self.assertEqual(len(exchange.bodies()[sid]), 100)
+        return exchange, sid
+
+    def test_a_spent_window_does_not_spin_the_send_loop(self) -> None:
+        """
+        Twisted's send loop rescheduled itself every reactor turn while a
+        stream waited for its window (a core at 100% per such client): the
+        stream now leaves the rotation until its window opens.
+        """
+        exchange, sid = self.spent_window()
+        turns(exchange.clock, 3)
+        due = [c for c in exchange.clock.calls if c.getTime() <= exchange.clock.seconds()]
+        self.assertEqual(due, [])
+        self.assertIsNotNone(exchange.server._sendingDeferred)
+        exchange.client.increment_flow_control_window(10_000, stream_id=sid)
+        exchange.send()
+        turns(exchange.clock, 5)
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], b"w" * 1000)
+        self.assertIn(sid, exchange.ended())
+
+    def test_a_larger_initial_window_reopens_a_spent_one(self) -> None:
+        """SETTINGS_INITIAL_WINDOW_SIZE raises every stream's window (RFC 9113 6.9.2)."""
+        exchange, sid = self.spent_window()
+        exchange.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+        exchange.send()
+        turns(exchange.clock, 5)
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], b"w" * 1000)
+        self.assertIn(sid, exchange.ended())
+
+    def test_a_spent_connection_window_waits_for_its_update(self) -> None:
+        exchange = self.exchange()
+        sids = []
+        for _ in range(2):  # 80,000 bytes back: more than the connection's 65,535
+            sids.append(exchange.request(b"c" * 40_000))
+            exchange.send()
+            turns(exchange.clock, 5)
+            # The client reads but does not give the connection window back.
+            exchange.client.receive_data(exchange.transport.value())
+            exchange.transport.clear()
+        self.assertEqual(exchange.server.conn.outbound_flow_control_window, 0)
+        due = [c for c in exchange.clock.calls if c.getTime() <= exchange.clock.seconds()]
+        self.assertEqual(due, [])
+        exchange.client.increment_flow_control_window(100_000)
+        exchange.send()
+        turns(exchange.clock, 10)
+        exchange.receive()
+        self.assertIn(sids[1], exchange.ended())
+
     def test_a_paused_transport_makes_responses_wait_in_twisteds_queue(self) -> None:
         exchange = self.exchange()
         exchange.server.pauseProducing()
