@@ -219,19 +219,21 @@ class WriteBatchingTests(TestCase):
         pair.handshake()
         self.assertEqual(pair.received, body)
 
-    def test_written_through_a_small_write_is_sent_at_once(self) -> None:
+    def test_written_through_a_small_write_is_encrypted_at_once(self) -> None:
         """
-        HTTP/1.1 turns write-through on: a small response is encrypted and
-        sent by the write itself, with no timer and no wait for the reactor.
+        The channels turn write-through on: a small response is encrypted by
+        the write itself and handed to the TCP transport (which sends it at
+        the writable event), with no timer of the write gatherer.
         """
         pair = _Pair()
         pair.handshake()
         pair.server.write(b"gathered ")
-        pair.server.write_through()  # flushes what was gathered first
+        self.assertIsNotNone(pair.server._aggregator._scheduled)
+        pair.server.write_through()  # hands over what was gathered first
         pair.server.write(b"response")
         pair.server.writeSequence([b" and ", b"more"])
-        self.assertEqual(len(pair.wire.sends), 3)
-        self.assertEqual(pair.wire.queued, [])
+        self.assertEqual(len(pair.wire.queued), 3)
+        self.assertEqual(pair.wire.sends, [])
         self.assertEqual(pair.to_client(), b"gathered response and more")
 
     def test_queued_remainder_when_the_kernel_takes_part(self) -> None:
