@@ -343,6 +343,23 @@ class Server:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def python_peer(self, venv: str, script: str) -> list[str]:
+        """A bench/peers script run by a venv's python, on this server's port and certificate."""
+        return [
+            os.path.join(venv, "bin", "python"),
+            os.path.join(BENCH, "peers", script),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--cert",
+            self.env.cert,
+            "--key",
+            self.env.key,
+            "--max-body",
+            str(MAX_BODY),
+        ]
+
     def prepare(self) -> None:
         pass
 
@@ -453,20 +470,7 @@ class Aiohttp(Server):
     name = "aiohttp"
 
     def command(self):
-        cmd = [
-            os.path.join(self.env.aio_venv, "bin", "python"),
-            os.path.join(BENCH, "peers", "aiohttp_echo.py"),
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-            "--cert",
-            self.env.cert,
-            "--key",
-            self.env.key,
-            "--max-body",
-            str(MAX_BODY),
-        ]
+        cmd = self.python_peer(self.env.aio_venv, "aiohttp_echo.py")
         if self.env.args.peer_logs:
             cmd += ["--access-log", os.path.join(self.env.logdir, "aiohttp-access.log")]
         return cmd
@@ -482,20 +486,7 @@ class TwistedFloor(Server):
     name = "twisted-floor"
 
     def command(self):
-        return [
-            os.path.join(self.env.et_venv, "bin", "python"),
-            os.path.join(BENCH, "peers", "twisted_floor.py"),
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-            "--cert",
-            self.env.cert,
-            "--key",
-            self.env.key,
-            "--max-body",
-            str(MAX_BODY),
-        ]
+        return self.python_peer(self.env.et_venv, "twisted_floor.py")
 
 
 NGINX_MODULES = "/usr/lib/nginx/modules"
