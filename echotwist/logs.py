@@ -151,7 +151,9 @@ class TextLogObserver:
         """Write every waiting line, now."""
         with self._lock:
             call, self._flush_call = self._flush_call, None
-            if call is not None and call.active():
+            if call is not None and call.active() and isInIOThread():
+                # (From another thread it is left to run: it finds nothing to
+                # write, and cancelling is not thread-safe.)
                 call.cancel()
             if not self._pending:
                 return
