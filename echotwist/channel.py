@@ -51,7 +51,6 @@ from echotwist.resource import (
     refusal_body,
     status_line,
 )
-from echotwist.transport import BulkTLSProtocol
 
 # Module-level: a Logger that is a class attribute takes the class's name.
 _log = Logger(namespace="echotwist.limits")
@@ -346,10 +345,10 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
 
     # -- one write per response ------------------------------------------------
 
-    # twisted.web writes a response's head and its body separately; over TLS
-    # each write is a record of its own (or waits for the end of the reactor
-    # turn to be gathered).  The head is held here until the first body bytes,
-    # so that a whole small response is one write and one TLS record.
+    # twisted.web writes a response's head and its body separately; our TLS
+    # transport encrypts each write at once (echotwist.transport), as a record
+    # of its own.  The head is held here until the first body bytes, so that a
+    # whole small response is one write and one TLS record.
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):
@@ -402,20 +401,6 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         super().connectionLost(reason)
 
 
-def _write_through(transport: Any) -> None:
-    """
-    Have the TLS transport encrypt and send each write at once
-    (L{echotwist.transport.BulkTLSProtocol.write_through}).  Both channels
-    already write in batches: HTTP/1.1 a small response as one buffer
-    (L{EchoHTTPChannel.write}), HTTP/2 what one read's streams produced
-    (L{echotwist.h2}).  Twisted's gathering of small writes until the end of
-    the reactor turn would only add a timer and a reactor trip to each.  Set
-    before anything is written, so no byte can overtake a gathered one.
-    """
-    if isinstance(transport, BulkTLSProtocol):
-        transport.write_through()
-
-
 class _Refused(Protocol):
     """Stands in for a connection over the cap: closes it at once."""
 
@@ -443,7 +428,6 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         if site is not None:
             site.connection_opened(self)
             self._counted = True
-        _write_through(transport)
         super().makeConnection(transport)
 
     # -- what the drain needs --------------------------------------------------

@@ -16,16 +16,17 @@ and error handling are all Twisted's) and changes only how bytes are batched:
 
   - all the plaintext that one read from the socket decrypts to is handed up in
     one C{dataReceived} call;
-  - a large write goes past the small-write aggregator (after flushing what it
-    holds, so order is kept), is fed to OpenSSL in L{WRITE_CHUNK} slices of a
+  - every write is encrypted at once: without L{twisted.protocols.tls.BufferingTLSTransport}'s
+    gathering of small writes until the end of the reactor turn, which cost a
+    C{callLater(0)} and a reactor trip per response and saved nothing, since
+    both our channels already write in batches (HTTP/1.1 a small response as
+    one buffer, HTTP/2 what one read's streams produced);
+  - a large write is fed to OpenSSL in L{WRITE_CHUNK} slices of a
     C{memoryview} (no copy), and each slice's ciphertext is read from the BIO
     at once and sent to the socket straight away when nothing is queued
     before it (what the kernel does not take is queued as usual);
   - the TCP transport reads up to L{READ_SIZE} bytes per C{recv} and sends up to
     L{SEND_LIMIT} per C{send}.
-
-Small requests take the same path as before: one record in, the aggregator
-out.
 
 L{BulkTLSFactory} builds these protocols, and L{TLSServerEndpoint} listens
 with it where C{SSL4ServerEndpoint} would have used Twisted's own factory.
@@ -40,11 +41,7 @@ from twisted.internet import endpoints, interfaces
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import (
-    BufferingTLSTransport,
-    TLSMemoryBIOFactory,
-    TLSMemoryBIOProtocol,
-)
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -54,8 +51,8 @@ READ_SIZE = 256 * 1024
 #: Bytes the TCP transport hands the kernel per C{send} (Twisted's default is
 #: 128 KiB, one C{send} per writable event).
 SEND_LIMIT = 1024 * 1024
-#: Writes at least this large skip the small-write aggregator: joining them with
-#: what it holds would copy them once more for nothing.
+#: Ciphertext at least this large is sent inline when nothing is queued (see
+#: L{BulkTLSProtocol._send}); smaller pieces wait for the writable event.
 LARGE_WRITE = 16 * 1024
 #: Plaintext bytes per C{SSL_write}.  With partial writes off (L{echotwist.tls})
 #: OpenSSL encrypts a whole slice, several records, per call; the slice bounds
@@ -80,16 +77,11 @@ def ciphertext_bound(plaintext: int) -> int:
     return plaintext + records * RECORD_OVERHEAD + 4096
 
 
-class BulkTLSProtocol(BufferingTLSTransport):
+class BulkTLSProtocol(TLSMemoryBIOProtocol):
     """
-    Twisted's TLS transport (with its small-write aggregation), moving bulk
-    data in batches instead of one TLS record at a time.
+    Twisted's TLS transport, moving bulk data in batches instead of one TLS
+    record at a time, and encrypting every write at once.
     """
-
-    def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
-        super().__init__(factory, wrappedProtocol, _connectWrapped)
-        # BufferingTLSTransport binds write to its aggregator the same way.
-        self.write = self._write_sized  # type: ignore[method-assign]
 
     def makeConnection(self, transport: Any) -> None:
         # Instance attributes of the TCP transport: tcp.Connection.doRead reads
@@ -138,36 +130,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
         ProtocolWrapper.dataReceived(self, data)
 
     # -- out ----------------------------------------------------------------
-
-    def _write_sized(self, data: bytes) -> None:
-        """
-        C{write}: small writes are aggregated as Twisted does; a large one is
-        encrypted now, after whatever the aggregator holds.
-        """
-        if len(data) < LARGE_WRITE:
-            self._aggregator.write(data)
-            return
-        self._aggregator.flush()
-        super().write(data)
-
-    def writeSequence(self, iovec: Any) -> None:
-        self.write(b"".join(iovec))
-
-    def write_through(self) -> None:
-        """
-        From now on encrypt and send every write at once, however small.
-
-        For a protocol that already writes each message as one buffer (our
-        HTTP/1.1 channel writes a small response as one), gathering small
-        writes until the end of the reactor turn costs a C{callLater(0)}, a
-        trip through the reactor and a wait for the socket's writable event
-        per message and saves nothing.
-        """
-        self._aggregator.flush()
-        self.write = self._write_now  # type: ignore[method-assign]
-
-    def _write_now(self, data: bytes) -> None:
-        TLSMemoryBIOProtocol.write(self, data)
 
     def _write(self, bytes: Any) -> None:
         """

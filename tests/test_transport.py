@@ -208,7 +208,6 @@ class WriteBatchingTests(TestCase):
         pair.server.writeSequence([b"and ", b"more "])
         pair.server.write(body)
         pair.server.write(b" tail")
-        pair.server._aggregator.flush()
         self.assertEqual(pair.to_client(), b"head and more " + body + b" tail")
 
     def test_large_write_during_the_handshake_is_sent_after_it(self) -> None:
@@ -219,22 +218,20 @@ class WriteBatchingTests(TestCase):
         pair.handshake()
         self.assertEqual(pair.received, body)
 
-    def test_written_through_a_small_write_is_encrypted_at_once(self) -> None:
+    def test_a_small_write_is_encrypted_at_once(self) -> None:
         """
-        The channels turn write-through on: a small response is encrypted by
-        the write itself and handed to the TCP transport (which sends it at
-        the writable event), with no timer of the write gatherer.
+        A small response is encrypted by the write itself and handed to the
+        TCP transport (which sends it at the writable event): no gathering
+        until the end of the reactor turn, no timer.
         """
         pair = _Pair()
         pair.handshake()
-        pair.server.write(b"gathered ")
-        self.assertIsNotNone(pair.server._aggregator._scheduled)
-        pair.server.write_through()  # hands over what was gathered first
         pair.server.write(b"response")
+        self.assertEqual(len(pair.wire.queued), 1)
         pair.server.writeSequence([b" and ", b"more"])
-        self.assertEqual(len(pair.wire.queued), 3)
+        self.assertEqual(len(pair.wire.queued), 2)
         self.assertEqual(pair.wire.sends, [])
-        self.assertEqual(pair.to_client(), b"gathered response and more")
+        self.assertEqual(pair.to_client(), b"response and more")
 
     def test_queued_remainder_when_the_kernel_takes_part(self) -> None:
         pair = _Pair()
