@@ -72,7 +72,6 @@ class TextLogObserver:
         self._stamp = ""
         self._systems: dict[tuple[Any, Any], str] = {}
         self._watching_shutdown = False
-        atexit.register(self.flush)
 
     # -- formatting -------------------------------------------------------------
 
@@ -139,8 +138,11 @@ class TextLogObserver:
         if not (self._reactor.running and isInIOThread()):
             return False
         if not self._watching_shutdown:
+            # From here on lines may wait: write them at shutdown, and at exit
+            # should the reactor never shut down cleanly.
             self._watching_shutdown = True
             self._reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+            atexit.register(self.flush)
         return True
 
     def _end_of_turn(self) -> None:
