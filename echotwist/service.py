@@ -306,21 +306,22 @@ def makeService(options: Options) -> service.IService:
         print(f"Trust this CA in clients: {options['cafile']}", flush=True)
     sys.stdout.flush()
 
+    server: Any
     if options["workers"] > 1:
         from echotwist.workers import WorkerPool
 
-        pool = WorkerPool(options, reactor)
-        pool.log_observer = logs.observer_for_twistd(options)
-        return pool
-    endpoint = transport.listen_tls(
-        reactor,
-        options["port"],
-        options["context-factory"],
-        backlog=LISTEN_BACKLOG,
-        interface=options["interface"],
-    )
-    server = EchoServerService(
-        endpoint, build_site(options), options["cafile"], options["grace"], reactor
-    )
+        server = WorkerPool(options, reactor)
+    else:
+        endpoint = transport.listen_tls(
+            reactor,
+            options["port"],
+            options["context-factory"],
+            backlog=LISTEN_BACKLOG,
+            interface=options["interface"],
+        )
+        server = EchoServerService(
+            endpoint, build_site(options), options["cafile"], options["grace"], reactor
+        )
+    # Both are logs.TwistdLogObserver services: twistd logs through this.
     server.log_observer = logs.observer_for_twistd(options)
     return server
