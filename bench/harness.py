@@ -489,6 +489,20 @@ class TwistedFloor(Server):
         return self.python_peer(self.env.et_venv, "twisted_floor.py")
 
 
+class TwistedWebFloor(Server):
+    """
+    bench/peers/twisted_web_floor.py: a stock twisted.web Site and a leaf Resource that checks
+    the token and echoes, on echotwist's TLS transport, with no access log, limits or strict
+    parsing: the ceiling of the twisted.web design echotwist keeps.  Runs in echotwist's venv;
+    not in the default list.
+    """
+
+    name = "twisted-web-floor"
+
+    def command(self):
+        return self.python_peer(self.env.et_venv, "twisted_web_floor.py")
+
+
 NGINX_MODULES = "/usr/lib/nginx/modules"
 
 
@@ -577,6 +591,7 @@ SERVERS = {
     "aiohttp": Aiohttp,
     "nginx": Nginx,
     "twisted-floor": TwistedFloor,
+    "twisted-web-floor": TwistedWebFloor,
 }
 
 
@@ -1294,12 +1309,12 @@ def _main(env: Env, args, stamp: str) -> int:
 
     have_et = env.echotwist_available()
     if not have_et:
-        dropped = [s for s in servers if s.startswith("echotwist") or s == "twisted-floor"]
+        dropped = [s for s in servers if s.startswith(("echotwist", "twisted-"))]
         if dropped:
             log(
                 f"echotwist is not installed in {env.et_venv}: running without {', '.join(dropped)}"
             )
-        servers = [s for s in servers if not (s.startswith("echotwist") or s == "twisted-floor")]
+        servers = [s for s in servers if not s.startswith(("echotwist", "twisted-"))]
     env.et_options = set()
     if have_et:
         h = subprocess.run(

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError, _ffi, _lib
 from twisted.internet import endpoints, interfaces
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -63,8 +63,9 @@ WRITE_CHUNK = 256 * 1024
 RECORD_OVERHEAD = 64
 #: The largest TLS record's plaintext.
 MAX_RECORD = 16 * 1024
-#: Plaintext asked for per C{SSL_read}; OpenSSL returns at most one record.
-RECORD_READ = MAX_RECORD
+
+#: cffi buffers that are not zeroed first: every byte read is written by OpenSSL.
+_allocate = _ffi.new_allocator(should_clear_after_alloc=False)
 
 
 def ciphertext_bound(plaintext: int) -> int:
@@ -75,6 +76,42 @@ def ciphertext_bound(plaintext: int) -> int:
     """
     records = plaintext // MAX_RECORD + 1
     return plaintext + records * RECORD_OVERHEAD + 4096
+
+
+def _read_plaintext(tls: Any) -> tuple[bytes, bool]:
+    """
+    Decrypt the records waiting in C{tls}'s receive BIO into one buffer, sized
+    for all of them, and return its contents and whether the buffer filled up
+    (more may be waiting).
+
+    Calls C{SSL_read} directly (through pyOpenSSL's private cffi bindings):
+    pyOpenSSL's C{recv} would allocate a buffer per record and copy it out.
+    When nothing was read, the error C{SSL_read} reported is raised as
+    pyOpenSSL raises it (C{WantReadError} when the BIO holds no whole record,
+    C{ZeroReturnError} at the peer's close, C{Error} otherwise); when some
+    plaintext was read before an error, the plaintext is returned and the
+    error is met again on the next call.
+    """
+    ssl = tls._ssl
+    # Ciphertext is never shorter than the plaintext it carries.
+    room = max(_lib.BIO_get_mem_data(tls._into_ssl, _ffi.NULL) + _lib.SSL_pending(ssl), MAX_RECORD)
+    buffer = _allocate("char[]", room)
+    filled = 0
+    result = 0
+    while filled < room:
+        result = _lib.SSL_read(ssl, buffer + filled, room - filled)
+        if result <= 0:
+            break
+        filled += result
+    if filled:
+        # More when the buffer filled, or when SSL_read stopped on something
+        # other than "no whole record left" (the peer's close, an error): the
+        # caller meets it on its next call.
+        more = filled == room or _lib.SSL_get_error(ssl, result) != _lib.SSL_ERROR_WANT_READ
+        return _ffi.buffer(buffer, filled)[:], more
+    tls._raise_ssl_error(ssl, result)
+    # SSL_read failed without an error to raise: treat it as "nothing yet".
+    raise WantReadError()
 
 
 class BulkTLSProtocol(TLSMemoryBIOProtocol):
@@ -97,6 +134,11 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         Decrypt every record the receive BIO holds and deliver the plaintext in
         one C{dataReceived} call (Twisted delivers each record on its own).
 
+        The records are decrypted straight into one buffer sized for all of
+        them (L{_read_plaintext}), which is copied out once: pyOpenSSL's
+        C{recv} allocates a buffer per record and copies each out, and the
+        records then had to be joined, a second copy of a large body.
+
         Overrides a private method of L{TLSMemoryBIOProtocol}, called from its
         C{dataReceived} once the handshake is done (pinned by the tests).
         Bounded: the BIO holds at most what one read from the socket brought.
@@ -105,7 +147,7 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         chunks: list[bytes] = []
         while not self._lostTLSConnection:
             try:
-                chunks.append(tls.recv(RECORD_READ))
+                chunk, more = _read_plaintext(tls)
             except WantReadError:
                 break
             except ZeroReturnError:
@@ -114,11 +156,17 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
                 chunks = []
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
+                continue
             except Error:
                 failure = Failure()
                 self._deliver(chunks)
                 chunks = []
                 self._tlsShutdownFinished(failure)
+                continue
+            if chunk:
+                chunks.append(chunk)
+            if not more:
+                break
         self._deliver(chunks)
         # The records read may have produced a reply (e.g. a KeyUpdate).
         self._flushSendBIO()
@@ -161,22 +209,32 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
             self._flush_send_bio(sent)
 
     def _flush_send_bio(self, plaintext: int) -> None:
-        """Hand everything the send BIO holds to the TCP transport, in one write."""
-        size = ciphertext_bound(plaintext)
-        tls = self._tlsConnection
-        pieces: list[bytes] = []
-        while True:
-            try:
-                piece = tls.bio_read(size)
-            except WantReadError:
-                break
-            pieces.append(piece)
-            if len(piece) < size:
-                break
-        if pieces:
-            self._send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        """
+        Hand everything the send BIO holds to the TCP transport, in one write.
 
-    def _send(self, data: bytes) -> None:
+        The ciphertext is read into one buffer of ours and sent from it
+        (L{_send}) without the copy into a new string that pyOpenSSL's
+        C{bio_read} makes; only what has to wait in the transport's queue is
+        copied.
+        """
+        size = ciphertext_bound(plaintext)
+        from_ssl = self._tlsConnection._from_ssl
+        buffer = _allocate("char[]", size)
+        filled = 0
+        while filled < size:
+            result = _lib.BIO_read(from_ssl, buffer + filled, size - filled)
+            if result <= 0:
+                break
+            filled += result
+        if filled == size:
+            # More than the bound (session tickets queued with a large write):
+            # the rest follows in a second write.
+            self._send(_ffi.buffer(buffer, filled))
+            self._flush_send_bio(0)
+        elif filled:
+            self._send(_ffi.buffer(buffer, filled))
+
+    def _send(self, data: Any) -> None:
         """
         Send large ciphertext now if the TCP transport has nothing queued, as
         asyncio's transports do; queue what the kernel does not take.  Small
@@ -190,6 +248,9 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         whole response) before the first C{send}.  Reads the transport's
         private queue (C{dataBuffer}, C{offset}, C{_tempDataLen}); pinned by
         the tests.
+
+        @param data: a buffer (C{bytes} or a cffi buffer of ours): what is
+            queued is copied into C{bytes} first.
         """
         t: Any = self.transport
         if (
@@ -203,10 +264,10 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
             if isinstance(sent, int) and sent > 0:
                 if sent == len(data):
                     return
-                data = data[sent:]
+                data = memoryview(data)[sent:]
         # Also where an error from writeSomeData ends up: the transport meets
         # it again on its next send and closes the connection as usual.
-        t.write(data)
+        t.write(bytes(data))
 
 
 class BulkTLSFactory(TLSMemoryBIOFactory):
