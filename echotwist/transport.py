@@ -219,20 +219,20 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         """
         size = ciphertext_bound(plaintext)
         from_ssl = self._tlsConnection._from_ssl
-        buffer = _allocate("char[]", size)
-        filled = 0
-        while filled < size:
-            result = _lib.BIO_read(from_ssl, buffer + filled, size - filled)
-            if result <= 0:
-                break
-            filled += result
-        if filled == size:
-            # More than the bound (session tickets queued with a large write):
-            # the rest follows in a second write.
-            self._send(_ffi.buffer(buffer, filled))
-            self._flush_send_bio(0)
-        elif filled:
-            self._send(_ffi.buffer(buffer, filled))
+        while True:
+            buffer = _allocate("char[]", size)
+            filled = 0
+            while filled < size:
+                result = _lib.BIO_read(from_ssl, buffer + filled, size - filled)
+                if result <= 0:
+                    break
+                filled += result
+            if filled:
+                self._send(_ffi.buffer(buffer, filled))
+            if filled < size:
+                return
+            # More than the bound (session tickets queued with a large
+            # write): the rest follows in another write.
 
     def _send(self, data: Any) -> None:
         """

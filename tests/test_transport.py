@@ -184,6 +184,24 @@ class ReceiveBatchingTests(TestCase):
         self.assertEqual(pair.app.calls, [b"last words"])
         self.assertTrue(pair.wire.disconnecting)
 
+    def test_data_before_a_corrupt_record_is_delivered_then_the_connection_fails(self) -> None:
+        """
+        The plaintext decrypted before a record that fails its integrity check
+        goes up; then the connection is torn down with the TLS error.
+        """
+        pair = _Pair()
+        pair.handshake()
+        pair.client_send(b"intact")
+        good = pair._drain(pair.client)
+        pair.client_send(b"tampered with")
+        bad = bytearray(pair._drain(pair.client))
+        bad[-1] ^= 0x01  # the last byte of the record's authentication tag
+        pair.server.dataReceived(good + bytes(bad))
+        self.assertEqual(pair.app.calls, [b"intact"])
+        self.assertTrue(pair.wire.disconnecting)
+        # Twisted keeps the reason it will give connectionLost.
+        self.assertTrue(pair.server._reason.check(SSL.Error))
+
 
 class WriteBatchingTests(TestCase):
     def test_large_write_is_sent_in_one_piece_per_slice(self) -> None:
@@ -232,6 +250,20 @@ class WriteBatchingTests(TestCase):
         self.assertEqual(len(pair.wire.queued), 2)
         self.assertEqual(pair.wire.sends, [])
         self.assertEqual(pair.to_client(), b"response and more")
+
+    def test_ciphertext_beyond_the_expected_bound_is_all_sent(self) -> None:
+        """
+        The send buffer is sized from the plaintext just written; whatever
+        else the BIO holds (here 100 kB encrypted behind the protocol's back)
+        follows in further writes, none of it left behind.
+        """
+        pair = _Pair()
+        pair.handshake()
+        body = os.urandom(100_000)
+        pair.server._tlsConnection.send(body)
+        pair.server._flush_send_bio(0)
+        self.assertGreater(len(pair.wire.sends) + len(pair.wire.queued), 1)
+        self.assertEqual(pair.to_client(), body)
 
     def test_queued_remainder_when_the_kernel_takes_part(self) -> None:
         pair = _Pair()
