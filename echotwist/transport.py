@@ -34,12 +34,14 @@ with it where C{SSL4ServerEndpoint} would have used Twisted's own factory.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError, _ffi, _lib
 from twisted.internet import endpoints, interfaces
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -63,6 +65,8 @@ WRITE_CHUNK = 256 * 1024
 RECORD_OVERHEAD = 64
 #: The largest TLS record's plaintext.
 MAX_RECORD = 16 * 1024
+
+_log = Logger(namespace="echotwist.transport")
 
 #: cffi buffers that are not zeroed first: every byte read is written by OpenSSL.
 _allocate = _ffi.new_allocator(should_clear_after_alloc=False)
@@ -120,7 +124,11 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
     record at a time, and encrypting every write at once.
     """
 
+    #: Small ciphertext waiting for the end of the reactor turn.
+    _waiting: list[bytes]
+
     def makeConnection(self, transport: Any) -> None:
+        self._waiting = []
         # Instance attributes of the TCP transport: tcp.Connection.doRead reads
         # bufferSize bytes, writeSomeData sends at most SEND_LIMIT.
         transport.bufferSize = READ_SIZE
@@ -168,8 +176,10 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
             if not more:
                 break
         self._deliver(chunks)
-        # The records read may have produced a reply (e.g. a KeyUpdate).
-        self._flushSendBIO()
+        # The records read may have produced a reply (e.g. a KeyUpdate); when
+        # they did not, small writes stay waiting for the end of the turn.
+        if _lib.BIO_get_mem_data(self._tlsConnection._from_ssl, _ffi.NULL) > 0:
+            self._flushSendBIO()
 
     def _deliver(self, chunks: list[bytes]) -> None:
         if not chunks or self._aborted:
@@ -236,26 +246,45 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     def _send(self, data: Any) -> None:
         """
-        Send large ciphertext now if the TCP transport has nothing queued, as
-        asyncio's transports do; queue what the kernel does not take.  Small
-        writes (a whole small response) are queued for the writable event, as
-        Twisted does: sent inline, each one woke the client in the middle of
-        the reactor turn, and a keep-alive 64 B request cost ~10% more server
-        CPU (A/B in bench/README.md).
+        Hand ciphertext to the TCP transport.
 
+        Small pieces (a whole small response) wait for the end of the reactor
+        turn (L{EndOfTurnSender}) and go out then, all of a connection's in
+        one C{send}.  Twisted's transport would queue them, ask epoll to watch
+        the socket for writability (an C{epoll_ctl}), send on the writable
+        event in the next turn and stop watching (another C{epoll_ctl}): two
+        system calls and a trip through the reactor's event dispatch per
+        response.  Sending each at once instead woke the client in the middle
+        of the turn, and a keep-alive 64 B request cost ~10% more server CPU
+        (A/B in bench/README.md); at the end of the turn, every response of
+        the turn is out before any client answers.
+
+        Large ciphertext is sent now if nothing is waiting before it, as
+        asyncio's transports do; what the kernel does not take is queued.
         C{FileDescriptor.write} always queues and waits for the next writable
         event, where it joins everything queued into one string (a copy of the
-        whole response) before the first C{send}.  Reads the transport's
-        private queue (C{dataBuffer}, C{offset}, C{_tempDataLen}); pinned by
-        the tests.
+        whole response) before the first C{send}.
 
-        @param data: a buffer (C{bytes} or a cffi buffer of ours): what is
-            queued is copied into C{bytes} first.
+        @param data: a buffer (C{bytes} or a cffi buffer of ours): what waits
+            or is queued is copied into C{bytes} first.
+        """
+        if len(data) < LARGE_WRITE:
+            if not self._waiting:
+                self._bulk_factory.end_of_turn.add(self)
+            self._waiting.append(bytes(data))
+            return
+        self.send_waiting()
+        self._send_now(data)
+
+    def _send_now(self, data: Any) -> None:
+        """
+        Send C{data} if the TCP transport has nothing queued; queue what the
+        kernel does not take.  Reads the transport's private queue
+        (C{dataBuffer}, C{offset}, C{_tempDataLen}); pinned by the tests.
         """
         t: Any = self.transport
         if (
-            len(data) >= LARGE_WRITE
-            and t.connected
+            t.connected
             and not t.disconnecting
             and not t._tempDataLen
             and t.offset == len(t.dataBuffer)
@@ -269,16 +298,107 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         # it again on its next send and closes the connection as usual.
         t.write(bytes(data))
 
+    def send_waiting(self) -> None:
+        """Send the small pieces waiting for the end of the turn, now."""
+        waiting = self._waiting
+        if not waiting:
+            return
+        self._waiting = []
+        data = waiting[0] if len(waiting) == 1 else b"".join(waiting)
+        t: Any = self.transport
+        if t is not None and t.connected:
+            self._send_now(data)
+
+    def _flushSendBIO(self) -> None:
+        """
+        Twisted's own send path (the handshake, the TLS shutdown, alerts):
+        what waits for the end of the turn was encrypted earlier, so it goes
+        first.
+        """
+        self.send_waiting()
+        super()._flushSendBIO()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        # Nothing is sent any more (connectionLost above may have delivered a
+        # last read, and its answer may be waiting).
+        self._waiting = []
+        self._bulk_factory.end_of_turn.discard(self)
+
+    @property
+    def _bulk_factory(self) -> BulkTLSFactory:
+        return cast(BulkTLSFactory, self.factory)
+
+
+class EndOfTurnSender:
+    """
+    Sends the small writes of every connection of a factory at the end of the
+    reactor turn: one C{callLater(0)} per turn, whatever the number of
+    connections and responses (Twisted's own small-write gathering,
+    C{BufferingTLSTransport}, costs a C{callLater(0)} per connection).
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        # An insertion-ordered set: connections are served in the order they wrote.
+        self._waiting: dict[BulkTLSProtocol, None] = {}
+        self._call: IDelayedCall | None = None
+
+    def add(self, protocol: BulkTLSProtocol) -> None:
+        """C{protocol} has something waiting: send it at the end of this turn."""
+        self._waiting[protocol] = None
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._send_all)
+
+    def discard(self, protocol: BulkTLSProtocol) -> None:
+        """C{protocol} is gone: nothing of its is to be sent."""
+        self._waiting.pop(protocol, None)
+
+    def _send_all(self) -> None:
+        self._call = None
+        waiting, self._waiting = self._waiting, {}
+        for protocol in waiting:
+            try:
+                protocol.send_waiting()
+            except Exception:
+                _log.failure("sending a response failed", protocol=protocol)
+
 
 class BulkTLSFactory(TLSMemoryBIOFactory):
-    """A L{TLSMemoryBIOFactory} whose connections are L{BulkTLSProtocol}s."""
+    """
+    A L{TLSMemoryBIOFactory} whose connections are L{BulkTLSProtocol}s.
+
+    @ivar clock: the reactor whose turns L{end_of_turn} follows (the global
+        reactor unless set).
+    """
 
     protocol = BulkTLSProtocol
+    clock: IReactorTime | None = None
+    _end_of_turn: EndOfTurnSender | None = None
+
+    @property
+    def end_of_turn(self) -> EndOfTurnSender:
+        """Where this factory's connections leave small writes for the end of the turn."""
+        if self._end_of_turn is None:
+            clock = self.clock
+            if clock is None:
+                from twisted.internet import reactor
+
+                clock = cast(IReactorTime, reactor)
+            self._end_of_turn = EndOfTurnSender(clock)
+        return self._end_of_turn
 
 
-def tls_factory(context_factory: Any, wrapped: IProtocolFactory) -> BulkTLSFactory:
-    """Server-side TLS around C{wrapped}, with the context C{context_factory} gives."""
-    return BulkTLSFactory(context_factory, False, wrapped)
+def tls_factory(
+    context_factory: Any, wrapped: IProtocolFactory, clock: IReactorTime | None = None
+) -> BulkTLSFactory:
+    """
+    Server-side TLS around C{wrapped}, with the context C{context_factory}
+    gives; C{clock} is the reactor whose turns small writes wait for.
+    """
+    factory = BulkTLSFactory(context_factory, False, wrapped)
+    factory.clock = clock
+    return factory
 
 
 @implementer(interfaces.IStreamServerEndpoint)

@@ -21,9 +21,12 @@ from typing import Any
 from OpenSSL import SSL
 from OpenSSL._util import lib as openssl_lib
 from twisted.internet import abstract, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from echotwist import tls, transport
@@ -79,12 +82,23 @@ class _Wire(StringTransport):
 class _Pair:
     """A server L{BulkTLSProtocol} and a pyOpenSSL client, joined by hand."""
 
-    def __init__(self) -> None:
-        paths = dev_certs()
-        context_factory = tls.server_context_factory(paths.server_cert, paths.server_key)
-        self.app = _Recorder()
-        factory = transport.tls_factory(context_factory, Factory.forProtocol(lambda: self.app))
-        self.server = factory.buildProtocol(None)
+    def __init__(self, sibling: _Pair | None = None) -> None:
+        """
+        @param sibling: another pair whose server factory (and clock) this
+            pair's server shares, as two connections to one port do.
+        """
+        if sibling is None:
+            paths = dev_certs()
+            context_factory = tls.server_context_factory(paths.server_cert, paths.server_key)
+            #: The reactor's turns, as far as the transport can tell.
+            self.clock = Clock()
+            self.factory = transport.tls_factory(
+                context_factory, Factory.forProtocol(_Recorder), clock=self.clock
+            )
+        else:
+            self.clock, self.factory = sibling.clock, sibling.factory
+        self.server = self.factory.buildProtocol(None)
+        self.app: _Recorder = self.server.wrappedProtocol
         self.wire = _Wire()
         self.server.makeConnection(self.wire)
         client_context = SSL.Context(SSL.TLS_METHOD)
@@ -101,8 +115,13 @@ class _Pair:
         if data:
             self.server.dataReceived(data)
 
+    def end_turn(self) -> None:
+        """The reactor turn ends: what waits for it is sent."""
+        self.clock.advance(0)
+
     def to_client(self) -> bytes:
-        """Feed the server's output to the client; return the plaintext."""
+        """End the turn, feed the server's output to the client; return the plaintext."""
+        self.end_turn()
         data = self.wire.value()
         self.wire.clear()
         if data:
@@ -236,20 +255,64 @@ class WriteBatchingTests(TestCase):
         pair.handshake()
         self.assertEqual(pair.received, body)
 
-    def test_a_small_write_is_encrypted_at_once(self) -> None:
+    def test_small_writes_are_sent_together_at_the_end_of_the_turn(self) -> None:
         """
-        A small response is encrypted by the write itself and handed to the
-        TCP transport (which sends it at the writable event): no gathering
-        until the end of the reactor turn, no timer.
+        A small response is encrypted by the write itself and waits for the
+        end of the reactor turn, where a connection's small writes go out in
+        one C{send}: none is queued in the TCP transport (which would watch
+        the socket for writability and send in the next turn).
         """
         pair = _Pair()
         pair.handshake()
         pair.server.write(b"response")
-        self.assertEqual(len(pair.wire.queued), 1)
         pair.server.writeSequence([b" and ", b"more"])
-        self.assertEqual(len(pair.wire.queued), 2)
-        self.assertEqual(pair.wire.sends, [])
+        self.assertEqual((pair.wire.sends, pair.wire.queued, pair.wire.value()), ([], [], b""))
+        self.assertEqual(len(pair.server._waiting), 2)  # encrypted already
+        pair.end_turn()
+        self.assertEqual((len(pair.wire.sends), pair.wire.queued), (1, []))
         self.assertEqual(pair.to_client(), b"response and more")
+
+    def test_one_timer_per_turn_for_every_connection(self) -> None:
+        """Connections of one factory share the end of the turn: one timer in all."""
+        first = _Pair()
+        first.handshake()
+        second = _Pair(first)
+        second.handshake()
+        first.server.write(b"one")
+        second.server.write(b"two")
+        first.server.write(b"three")
+        self.assertEqual(len(first.clock.getDelayedCalls()), 1)
+        self.assertEqual(first.to_client(), b"onethree")
+        self.assertEqual(second.to_client(), b"two")
+        self.assertEqual(first.clock.getDelayedCalls(), [])
+
+    def test_waiting_writes_go_before_the_close_notify(self) -> None:
+        """Closing sends what waits first, then TLS's close: nothing is lost or reordered."""
+        pair = _Pair()
+        pair.handshake()
+        pair.server.write(b"last answer")
+        pair.server.loseConnection()
+        self.assertEqual(pair.server._waiting, [])
+        pair.client.bio_write(pair.wire.value())
+        self.assertEqual(pair.client.recv(1024), b"last answer")
+        with self.assertRaises(SSL.ZeroReturnError):
+            pair.client.recv(1024)
+
+    def test_nothing_is_sent_after_the_connection_is_lost(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        pair.server.write(b"too late")
+        pair.wire.connected = False  # as when the TCP transport reports the loss
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        written = pair.wire.value()
+        pair.end_turn()
+        self.assertEqual((pair.server._waiting, pair.wire.sends), ([], []))
+        self.assertEqual(pair.wire.value(), written)
+        # What Twisted's TLS wrote on the way down is an alert, no data (and,
+        # the record before it never sent, one the client cannot read).
+        pair.client.bio_write(written)
+        with self.assertRaises(SSL.Error):
+            pair.client.recv(1024)
 
     def test_ciphertext_beyond_the_expected_bound_is_all_sent(self) -> None:
         """
@@ -262,7 +325,7 @@ class WriteBatchingTests(TestCase):
         body = os.urandom(100_000)
         pair.server._tlsConnection.send(body)
         pair.server._flush_send_bio(0)
-        self.assertGreater(len(pair.wire.sends) + len(pair.wire.queued), 1)
+        self.assertGreater(len(pair.server._waiting), 1)
         self.assertEqual(pair.to_client(), body)
 
     def test_queued_remainder_when_the_kernel_takes_part(self) -> None:
