@@ -20,14 +20,14 @@ import time
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web import server
 from twisted.web.resource import IResource
 
 from echotwist.channel import EchoChannelProtocol, EchoHTTPChannel, refused_protocol
 from echotwist.drain import ConnectionTracker
 from echotwist.limits import Limits
-from echotwist.logs import ACCESS_FORMAT
+from echotwist.logs import ACCESS_FORMAT, emit
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
 
@@ -139,14 +139,19 @@ class EchoSite(server.Site):
         peer = describe_peer(request.getClientAddress())
         status = request.code
         bytes_out = request.sentLength
-        _access_log.info(
+        emit(
+            _access_log,
+            LogLevel.info,
             ACCESS_FORMAT,
-            line=_ACCESS_LINE % (peer, method, path, status, body_in, bytes_out, duration_ms),
-            peer=peer,
-            method=method,
-            path=path,
-            status=status,
-            bytes_in=body_in,
-            bytes_out=bytes_out,
-            duration_ms=duration_ms,
+            {
+                "line": _ACCESS_LINE
+                % (peer, method, path, status, body_in, bytes_out, duration_ms),
+                "peer": peer,
+                "method": method,
+                "path": path,
+                "status": status,
+                "bytes_in": body_in,
+                "bytes_out": bytes_out,
+                "duration_ms": duration_ms,
+            },
         )

@@ -102,11 +102,16 @@ def _read_plaintext(tls: Any) -> tuple[bytes, bool]:
     buffer = _allocate("char[]", room)
     filled = 0
     result = 0
+    into_ssl = tls._into_ssl
     while filled < room:
         result = _lib.SSL_read(ssl, buffer + filled, room - filled)
         if result <= 0:
             break
         filled += result
+        if not _lib.SSL_pending(ssl) and not _lib.BIO_get_mem_data(into_ssl, _ffi.NULL):
+            # Every byte that came in is consumed: another SSL_read would
+            # only say so (the usual end for a small request).
+            return _ffi.buffer(buffer, filled)[:], False
     if filled:
         # More when the buffer filled, or when SSL_read stopped on something
         # other than "no whole record left" (the peer's close, an error): the

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime
+from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText, formatTime
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -23,6 +23,7 @@ from echotwist.logs import (
     MAX_PENDING,
     STDOUT,
     TextLogObserver,
+    emit,
     observer_for_twistd,
     twistd_log_target,
 )
@@ -186,6 +187,21 @@ class WriteTests(TestCase):
         out = CountingFile()
         out.close()
         TextLogObserver(out, reactor=MemoryReactorClock())(event())
+
+
+class EmitTests(TestCase):
+    def test_the_event_is_the_one_logger_emit_makes(self) -> None:
+        """
+        L{emit} hands the observers the event L{Logger.emit} would have, the
+        same keys and values (bar the time, which it stamps itself).
+        """
+        seen: list[dict[str, Any]] = []
+        logger = Logger(namespace="echotwist.access", source=self, observer=seen.append)
+        logger.info(ACCESS_FORMAT, line="the line", status=200)
+        emit(logger, LogLevel.info, ACCESS_FORMAT, {"line": "the line", "status": 200})
+        ours, theirs = seen[1], seen[0]
+        self.assertLessEqual(abs(ours.pop("log_time") - theirs.pop("log_time")), 1.0)
+        self.assertEqual(ours, theirs)
 
 
 class TwistdTargetTests(TestCase):
