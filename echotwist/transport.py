@@ -14,17 +14,22 @@ plain TCP transport reads at most 64 KiB per C{recv}.
 L{BulkTLSProtocol} keeps Twisted's protocol (the handshake, shutdown, producer
 and error handling are all Twisted's) and changes only how bytes are batched:
 
-  - all the plaintext that one read from the socket decrypts to is handed up in
-    one C{dataReceived} call;
+  - the records that one read from the socket brought are decrypted into one
+    buffer (C{SSL_read} straight into it, not pyOpenSSL's buffer and copy per
+    record) and handed up in one C{dataReceived} call;
   - every write is encrypted at once: without L{twisted.protocols.tls.BufferingTLSTransport}'s
-    gathering of small writes until the end of the reactor turn, which cost a
-    C{callLater(0)} and a reactor trip per response and saved nothing, since
-    both our channels already write in batches (HTTP/1.1 a small response as
-    one buffer, HTTP/2 what one read's streams produced);
+    gathering of small writes per connection, which cost a C{callLater(0)}
+    per response, since both our channels already write in batches (HTTP/1.1
+    a small response as one buffer, HTTP/2 what one read's streams produced);
+  - small ciphertext (a whole small response) waits for the end of the
+    reactor turn and is sent then, one C{send} per connection, one timer per
+    turn for all of them (L{EndOfTurnSender}): not queued in the TCP
+    transport, which would cost two C{epoll_ctl} calls and a writable event
+    per response;
   - a large write is fed to OpenSSL in L{WRITE_CHUNK} slices of a
     C{memoryview} (no copy), and each slice's ciphertext is read from the BIO
-    at once and sent to the socket straight away when nothing is queued
-    before it (what the kernel does not take is queued as usual);
+    into a buffer of ours and sent to the socket straight away when nothing is
+    waiting before it (what the kernel does not take is queued as usual);
   - the TCP transport reads up to L{READ_SIZE} bytes per C{recv} and sends up to
     L{SEND_LIMIT} per C{send}.
 
