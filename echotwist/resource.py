@@ -27,7 +27,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from echotwist.headers import EchoHeaders
 from echotwist.limits import Deadline, FailureLimiter, Limits, limits_of
 from echotwist.peers import describe_peer, peer_host
 from echotwist.tokens import TokenChecker, presented_token
@@ -426,8 +425,6 @@ class EchoRequest(server.Request):
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
-        self.requestHeaders = EchoHeaders()
-        self.responseHeaders = EchoHeaders()
         self._http1 = isinstance(channel, HTTPChannel)
         self.started = time.monotonic()
         self.early: int | None = None
