@@ -102,12 +102,12 @@ def _read_plaintext(tls: Any) -> tuple[bytes, bool]:
     error is met again on the next call.
     """
     ssl = tls._ssl
+    into_ssl = tls._into_ssl
     # Ciphertext is never shorter than the plaintext it carries.
-    room = max(_lib.BIO_get_mem_data(tls._into_ssl, _ffi.NULL) + _lib.SSL_pending(ssl), MAX_RECORD)
+    room = max(_lib.BIO_get_mem_data(into_ssl, _ffi.NULL) + _lib.SSL_pending(ssl), MAX_RECORD)
     buffer = _allocate("char[]", room)
     filled = 0
     result = 0
-    into_ssl = tls._into_ssl
     while filled < room:
         result = _lib.SSL_read(ssl, buffer + filled, room - filled)
         if result <= 0:
@@ -418,12 +418,19 @@ class TLSServerEndpoint:
     what C{SSL4ServerEndpoint} does with Twisted's own TLS factory.
     """
 
-    def __init__(self, tcp: interfaces.IStreamServerEndpoint, context_factory: Any) -> None:
+    def __init__(
+        self,
+        tcp: interfaces.IStreamServerEndpoint,
+        context_factory: Any,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        """@param clock: the reactor C{tcp} listens on (the global one if L{None})."""
         self._tcp = tcp
         self._context_factory = context_factory
+        self._clock = clock
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._tcp.listen(tls_factory(self._context_factory, protocolFactory))
+        return self._tcp.listen(tls_factory(self._context_factory, protocolFactory, self._clock))
 
 
 def listen_tls(
@@ -433,4 +440,5 @@ def listen_tls(
     return TLSServerEndpoint(
         endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface),
         context_factory,
+        reactor,
     )

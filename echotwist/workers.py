@@ -102,7 +102,7 @@ class AdoptedTLSServerEndpoint:
 
     def __init__(self, reactor: Any, fileno: int, family: int, context_factory: Any) -> None:
         self._inner = TLSServerEndpoint(
-            AdoptedStreamServerEndpoint(reactor, fileno, family), context_factory
+            AdoptedStreamServerEndpoint(reactor, fileno, family), context_factory, reactor
         )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
