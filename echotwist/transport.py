@@ -59,7 +59,7 @@ READ_SIZE = 256 * 1024
 #: 128 KiB, one C{send} per writable event).
 SEND_LIMIT = 1024 * 1024
 #: Ciphertext at least this large is sent inline when nothing is queued (see
-#: L{BulkTLSProtocol._send}); smaller pieces wait for the writable event.
+#: L{BulkTLSProtocol._send}); smaller pieces wait for the end of the reactor turn.
 LARGE_WRITE = 16 * 1024
 #: Plaintext bytes per C{SSL_write}.  With partial writes off (L{echotwist.tls})
 #: OpenSSL encrypts a whole slice, several records, per call; the slice bounds
