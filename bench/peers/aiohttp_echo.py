@@ -9,13 +9,12 @@ with `Allow: POST` (aiohttp's router), other paths 404.  TLS 1.2/1.3, ECDHE + AE
                            [--max-body BYTES] [--access-log FILE]
 """
 
-import argparse
 import hmac
 import logging
-import os
 import ssl
 import sys
 
+import peer_args
 from aiohttp import web
 
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="echotwist"'}
@@ -57,19 +56,11 @@ def make_tls(cert: str, key: str) -> ssl.SSLContext:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--cert", required=True)
-    p.add_argument("--key", required=True)
-    p.add_argument("--token", default=os.environ.get("ECHOTWIST_TOKEN"))
-    p.add_argument("--max-body", type=int, default=64 * 1024 * 1024)
+    p = peer_args.parser(__doc__.splitlines()[0])
     p.add_argument(
         "--access-log", default=None, help="file for one line per request (default: none)"
     )
-    a = p.parse_args(argv)
-    if not a.token:
-        p.error("--token or ECHOTWIST_TOKEN is required")
+    a = peer_args.parse(p, argv)
     access_log = None
     if a.access_log:
         access_log = logging.getLogger("aiohttp.access")

@@ -17,11 +17,9 @@ It must run in a venv with echotwist installed (for `echotwist.tls`).
 
 from __future__ import annotations
 
-import argparse
 import hmac
-import os
-import sys
 
+import peer_args
 from twisted.internet import endpoints, reactor
 from twisted.internet.protocol import Factory, Protocol
 
@@ -137,16 +135,7 @@ class FloorEcho(Protocol):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--cert", required=True)
-    p.add_argument("--key", required=True)
-    p.add_argument("--token", default=os.environ.get("ECHOTWIST_TOKEN"))
-    p.add_argument("--max-body", type=int, default=64 * 1024 * 1024)
-    a = p.parse_args()
-    if not a.token:
-        sys.exit("twisted_floor: --token or ECHOTWIST_TOKEN is required")
+    a = peer_args.parse(peer_args.parser(__doc__.splitlines()[0]))
     FloorEcho.token = a.token.encode()
     FloorEcho.max_body = a.max_body
     endpoint = endpoints.SSL4ServerEndpoint(
