@@ -17,6 +17,7 @@ instead of exhausting memory or file descriptors for everyone.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -112,8 +113,10 @@ class EchoSite(server.Site):
                 refused=self.refused_connections,
             )
 
-    def response_headers(self) -> list[tuple[bytes, bytes]]:
+    def response_headers(self) -> Sequence[tuple[bytes, bytes]]:
         """Headers every response of this site carries, besides the defaults."""
+        if self.worker is None and not self.tracker.draining:
+            return ()  # the usual case, asked for every response: nothing to build
         headers = []
         if self.worker is not None:
             headers.append((b"x-echotwist-worker", b"%d" % self.worker))

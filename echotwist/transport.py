@@ -147,6 +147,23 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     # -- in -----------------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Ciphertext from the socket.  Once the handshake is done and nothing
+        waits to be encrypted, it goes into the BIO with C{BIO_write} directly
+        (pyOpenSSL's C{bio_write} checks its argument's type and warns about
+        text first) and the records are read at once; everything else is
+        Twisted's C{dataReceived}.
+        """
+        if self._handshakeDone and not self._appSendBuffer:
+            tls = self._tlsConnection
+            result = _lib.BIO_write(tls._into_ssl, _ffi.from_buffer(data), len(data))
+            if result <= 0:
+                tls._handle_bio_errors(tls._into_ssl, result)
+            self._flushReceiveBIO()
+            return
+        super().dataReceived(data)
+
     def _flushReceiveBIO(self) -> None:
         """
         Decrypt every record the receive BIO holds and deliver the plaintext in
@@ -209,21 +226,33 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         the same contract: on C{WantReadError} the rest is buffered with
         C{_bufferedWrite}; on any other OpenSSL error the connection is torn
         down with C{_tlsShutdownFinished}.
+
+        Calls C{SSL_write} directly, like L{_read_plaintext} calls C{SSL_read}:
+        pyOpenSSL's C{send} would also look at its three callback helpers and
+        the error state after every successful write, where only a failed one
+        (C{SSL_write} returning 0 or less) has an error to raise.
         """
         if self._lostTLSConnection:
             return
         tls = self._tlsConnection
+        ssl = tls._ssl
         view = memoryview(bytes)
         total = len(view)
         done = 0
         while done < total:
-            try:
-                sent = tls.send(view[done : done + WRITE_CHUNK])
-            except WantReadError:
-                self._bufferedWrite(view[done:].tobytes())
-                break
-            except Error:
-                self._tlsShutdownFinished(Failure())
+            piece = view[done : done + WRITE_CHUNK]
+            sent = _lib.SSL_write(ssl, _ffi.from_buffer(piece), len(piece))
+            if sent <= 0:
+                try:
+                    tls._raise_ssl_error(ssl, sent)
+                except WantReadError:
+                    self._bufferedWrite(view[done:].tobytes())
+                    break
+                except Error:
+                    self._tlsShutdownFinished(Failure())
+                    break
+                # A failure OpenSSL gives no reason for: never loop on it.
+                self._tlsShutdownFinished(Failure(Error("SSL_write failed")))
                 break
             done += sent
             self._flush_send_bio(sent)
