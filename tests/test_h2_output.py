@@ -59,6 +59,17 @@ class CountingTransport(StringTransport):
         super().write(data)
 
 
+def echo_headers(token: str) -> list[tuple[bytes, bytes]]:
+    """The request headers of C{POST /echo} with C{token}, without a length."""
+    return [
+        (b":method", b"POST"),
+        (b":path", b"/echo"),
+        (b":scheme", b"https"),
+        (b":authority", b"localhost"),
+        (b"token", token.encode()),
+    ]
+
+
 class H2Exchange:
     """A server connection and a client state machine, joined in memory."""
 
@@ -85,15 +96,7 @@ class H2Exchange:
     def request(self, body: bytes, token: str = TOKEN, end: bool = True) -> int:
         sid = self.client.get_next_available_stream_id()
         self.client.send_headers(
-            sid,
-            [
-                (b":method", b"POST"),
-                (b":path", b"/echo"),
-                (b":scheme", b"https"),
-                (b":authority", b"localhost"),
-                (b"token", token.encode()),
-                (b"content-length", b"%d" % len(body)),
-            ],
+            sid, [*echo_headers(token), (b"content-length", b"%d" % len(body))]
         )
         self.send_body(sid, body, end)
         return sid
@@ -332,13 +335,7 @@ class OneWritePerReadTests(TestCase):
         second = exchange.client.get_next_available_stream_id()
         exchange.client.send_headers(
             second,
-            [
-                (b":method", b"POST"),
-                (b":path", b"/echo"),
-                (b":scheme", b"https"),
-                (b":authority", b"localhost"),
-                (b"token", TOKEN.encode()),
-            ],
+            echo_headers(TOKEN),
             priority_weight=200,
             priority_depends_on=0,
             priority_exclusive=True,
