@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Instructions per request, counted by valgrind: `bench/run count` (issue 6).
+
+A timed A/B run on this shared two-core machine cannot see a change of a few per cent: two
+copies of one server in one interleaved run differed by 13% (bench/README.md, "How much to
+trust a difference").  Instructions are different: callgrind counts every instruction the
+server executes in user space, the same count for the same code and the same requests
+whatever the neighbours are doing (seen here: three counts of 2,000 requests within 0.3%).
+
+For each echotwist venv this starts `twistd -n echo` under `valgrind --tool=callgrind` with
+instrumentation off (start-up runs at near-native speed), sends an unmeasured warm-up, then
+switches instrumentation on, sends a fixed number of requests with h2load (HTTP/1.1 keep-alive
+or HTTP/2), dumps the counters and divides by the requests.  The counts leave out the kernel
+(system calls cost the same to every version that makes the same calls: `strace -c` counts
+those) and the server is ~50x slower under valgrind, so more requests wait per reactor turn
+than in a timed run: per-turn work is shared by more requests.  The count compares versions
+of echotwist with each other; the timed run in `bench/run` compares servers.
+
+Standard library only; loopback only; every process stopped by pid when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness
+from harness import HOST, Env, free_port, log, tls_ready
+
+SCENARIOS = {
+    # name: h2load arguments besides -n; 64-byte POST /echo bodies like bench/run's
+    "keepalive-64B": ["--h1", "-c", "10"],
+    "h2-64B": ["-c", "5", "-m", "10"],
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="bench/run count",
+        description="instructions per request of echotwist versions, counted by callgrind",
+    )
+    p.add_argument(
+        "--venv",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an echotwist venv to count (repeatable; default: echotwist=$ECHOTWIST_VENV and, "
+        "when set, echotwist-ref=$ECHOTWIST_REF_VENV)",
+    )
+    p.add_argument(
+        "--requests", type=int, default=2000, help="requests counted per run (default 2000)"
+    )
+    p.add_argument("--warmup", type=int, default=200, help="unmeasured requests first (200)")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma list of {', '.join(SCENARIOS)} (default: both)",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="counts per venv and scenario (1)")
+    a = p.parse_args(argv)
+    a.requests = max(100, min(a.requests, 50_000))  # bounded: ~50x slower than native
+    a.repeat = max(1, min(a.repeat, 5))
+    return a
+
+
+def venvs_of(args) -> list[tuple[str, str]]:
+    pairs = []
+    for item in args.venv:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--venv wants NAME=PATH, not {item!r}")
+        pairs.append((name, path))
+    if not pairs:
+        pairs.append(("echotwist", os.environ.get("ECHOTWIST_VENV", "")))
+        if os.environ.get("ECHOTWIST_REF_VENV"):
+            pairs.append(("echotwist-ref", os.environ["ECHOTWIST_REF_VENV"]))
+    for name, path in pairs:
+        if not os.access(os.path.join(path, "bin", "twistd"), os.X_OK):
+            raise SystemExit(f"{name}: no twistd in {path!r}")
+    return pairs
+
+
+class Counted:
+    """One echotwist under callgrind, instrumentation switched by callgrind_control."""
+
+    def __init__(self, env: Env, name: str, venv: str, outdir: str) -> None:
+        self.env, self.name, self.venv, self.outdir = env, name, venv, outdir
+        self.port = free_port()
+        self.out = os.path.join(outdir, f"callgrind.{name}.out")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: float = 180.0) -> None:
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={self.out}",
+            os.path.join(self.venv, "bin", "twistd"),
+            "-n",
+            "--pidfile=",
+            "echo",
+            "--port",
+            str(self.port),
+            "--interface",
+            HOST,
+            "--cert-dir",
+            self.env.certdir,
+        ]
+        logpath = os.path.join(self.outdir, f"{self.name}.log")
+        with open(logpath, "wb") as logfile:
+            self.proc = self.env.procs.start(
+                cmd, env=self.env.server_env(), stdout=logfile, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start-up; see {logpath}")
+            if tls_ready(self.port, self.env.ca, timeout=5.0):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not accept TLS within {wait:.0f}s; see {logpath}")
+
+    def control(self, *args: str) -> None:
+        assert self.proc is not None
+        subprocess.run(
+            ["callgrind_control", *args, str(self.proc.pid)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def load(self, scenario: str, requests: int) -> None:
+        cmd = [
+            "h2load",
+            "-t",
+            "1",
+            "-n",
+            str(requests),
+            *SCENARIOS[scenario],
+            "-d",
+            self.env.body_file(64),
+            "-H",
+            f"token: {self.env.token}",
+            "-H",
+            "content-type: application/octet-stream",
+            f"https://{HOST}:{self.port}/echo",
+        ]
+        done = subprocess.run(
+            self.env.bounded(cmd, 600), capture_output=True, text=True, timeout=660
+        )
+        ok = re.search(r"status codes: (\d+) 2xx", done.stdout)
+        if not ok or int(ok.group(1)) != requests:
+            raise RuntimeError(f"{self.name}: h2load did not get {requests} 2xx:\n{done.stdout}")
+
+    def count(self, scenario: str, requests: int, warmup: int) -> float:
+        """Instructions per request of C{requests} requests, after C{warmup} unmeasured ones."""
+        self.load(scenario, warmup)
+        for old in self._dumps():
+            os.remove(old)
+        self.control("--zero")
+        self.control("--instr=on")
+        self.load(scenario, requests)
+        self.control("--dump")
+        self.control("--instr=off")
+        dumps = self._dumps()
+        if len(dumps) != 1:
+            raise RuntimeError(f"{self.name}: expected one callgrind dump, found {dumps}")
+        with open(dumps[0]) as f:
+            total = next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+        return total / requests
+
+    def _dumps(self) -> list[str]:
+        prefix = os.path.basename(self.out) + "."
+        return [
+            os.path.join(self.outdir, n) for n in os.listdir(self.outdir) if n.startswith(prefix)
+        ]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.env.procs.stop(self.proc, grace=30.0)
+            self.proc = None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for tool in ("valgrind", "callgrind_control", "h2load"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found (bench/run installs it)")
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+    pairs = venvs_of(args)
+    env = Env(harness.parse_args(["--no-pin"]))
+    os.environ["ECHOTWIST_VENV"] = pairs[0][1]
+    env.et_venv = pairs[0][1]
+    harness.ensure_certs(env)
+    results: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="echotwist-count-") as outdir:
+        try:
+            for name, venv in pairs:
+                server = Counted(env, name, venv, outdir)
+                log(f"{name}: starting under callgrind ({venv})")
+                server.start()
+                try:
+                    for sc in scenarios:
+                        for _ in range(args.repeat):
+                            ir = server.count(sc, args.requests, args.warmup)
+                            results.setdefault((name, sc), []).append(ir)
+                            log(f"{name} {sc}: {ir:,.0f} instructions per request")
+                finally:
+                    server.stop()
+        finally:
+            env.procs.stop_all()
+    print(
+        f"\nInstructions per request (callgrind, user space, {args.requests} requests "
+        f"after {args.warmup} unmeasured)\n"
+    )
+    names = [n for n, _ in pairs]
+    print("| scenario | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for sc in scenarios:
+        base = min(results[(names[0], sc)])
+        cells = []
+        for name in names:
+            counts = results[(name, sc)]
+            cell = " / ".join(f"{c:,.0f}" for c in counts)
+            if name != names[0]:
+                cell += f" ({min(counts) / base:.3f}x)"
+            cells.append(cell)
+        print(f"| {sc} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
