@@ -115,10 +115,12 @@ class Counted:
             self.env.certdir,
         ]
         logpath = os.path.join(self.outdir, f"{self.name}.log")
+        env = self.env.server_env()
+        # One hash seed for every start: dict and set layouts (and so their
+        # probe counts) otherwise differ from one start to the next.
+        env["PYTHONHASHSEED"] = "0"
         with open(logpath, "wb") as logfile:
-            self.proc = self.env.procs.start(
-                cmd, env=self.env.server_env(), stdout=logfile, stderr=subprocess.STDOUT
-            )
+            self.proc = self.env.procs.start(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
