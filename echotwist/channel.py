@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web._http2 import H2Connection
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
 
 from echotwist.addresses import CachedAddresses as _CachedAddresses
@@ -68,6 +68,10 @@ MAX_HEADER_BYTES = 16384
 #: line a client may send between requests.
 _REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z\r]")
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [!-~]+ HTTP/(\d)\.(\d)")
+#: The headers that frame a request body (twisted.web chooses its decoder from them).
+_FRAMING = frozenset((b"Content-Length", b"Transfer-Encoding"))
+#: Header names as Twisted's Headers store them (Header-Case); Twisted caches them.
+_canonical = _nameEncoder.encode
 
 
 #: Whether a request factory takes no queue position (asked of zope once per factory).
@@ -208,11 +212,11 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         twisted.web reads a head one line at a time, each line through
         L{LineReceiver}'s loop and two layers of C{lineReceived}: a fifth of
         a small request's CPU.  A head that arrives whole (the usual case)
-        is split here in one go and each header handed to Twisted's own
-        C{headerReceived}, exactly as the line parser would; the last header
-        and the empty line are left to the line parser, so everything from
-        the end of the head on (body framing, C{Expect}, pipelining) is
-        Twisted's.  Anything unusual (a partial head, bare LF, obsolete line
+        is split here in one go and its headers stored as Twisted's
+        C{headerReceived} stores them (the framing headers through Twisted's
+        own decoder choice); the empty line is left to the line parser, so
+        everything from the end of the head on (C{Expect}, the body,
+        pipelining) is Twisted's.  Anything unusual (a partial head, bare LF, obsolete line
         folding, another HTTP version, an over-long line, too many or too
         large headers) is left to the line parser and its strict checks,
         with their exact answers.
@@ -234,9 +238,21 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         found = _REQUEST_LINE.fullmatch(lines[0])
         if found is None or found.groups() not in ((b"1", b"0"), (b"1", b"1")):
             return data
+        # A CR or NUL inside a line is the line parser's to refuse.
+        if head.count(b"\r") != count - 1 or b"\x00" in head:
+            return data
+        fields = []
         for line in lines[1:]:
-            if line[:1] in (b" ", b"\t"):
+            name, colon, value = line.partition(b":")
+            try:
+                # Checks the name is a token (cached names are known tokens).
+                name = _canonical(name)
+            except InvalidHeaderName:
+                name = b""
+            if not colon or not name:
+                # No colon, a bad name, folding: the line parser's answer.
                 return data
+            fields.append((name, value.strip(b" \t")))
         # What HTTPChannel.lineReceived does with a request line.
         factory = self.requestFactory
         nonqueued = _NONQUEUED.get(factory)
@@ -250,12 +266,22 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         self._HTTPChannel__first_line = 0
         self._command, self._path, self._version = lines[0].split(b" ")
         self._receivedHeaderSize += end - 2 * (count - 1)
-        # ... and with every header line but the last, held back (as there)
-        # until the next line shows it is not continued.
-        for line in lines[1:-1]:
-            if not self.headerReceived(line):
+        # ... and with every header line (headerReceived): the whole head is
+        # here, so no line can be continued by the next.  The values are
+        # stored as headerReceived stores them: canonical name, value without
+        # the whitespace around it (it holds no CR, LF or NUL, so Headers'
+        # sanitising would leave it as it is).
+        stored = request.requestHeaders._rawHeaders
+        for name, value in fields:
+            if name in _FRAMING and not self._maybeChooseTransferDecoder(name, value):
                 return None
-        self._HTTPChannel__header = lines[-1] if count > 1 else b""
+            values = stored.get(name)
+            if values is None:
+                stored[name] = [value]
+            else:
+                values.append(value)
+        self._receivedHeaderCount += count - 1
+        self._HTTPChannel__header = b""
         return data[end + 2 :]
 
     def _screen_request_start(self, data: bytes) -> bool:

@@ -13,58 +13,69 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
+from echotwist.resource import EchoRequest
 from tests.support import InMemoryHTTP
 
 TOKEN = "e" * 40
 _DATE = re.compile(rb"(?im)^date: [^\r\n]*\r\n")
 
-request_lines = st.sampled_from(
-    [
-        b"POST /echo HTTP/1.1",
-        b"POST /echo HTTP/1.0",
-        b"POST /echo?x=1 HTTP/1.1",
-        b"GET /echo HTTP/1.1",
-        b"POST /other HTTP/1.1",
-        b"POST /echo HTTP/2.0",
-        b"POST /echo HTTP/1.1 extra",
-        b"POST  /echo HTTP/1.1",
-        b"P\x00ST /echo HTTP/1.1",
-        b"POST /echo",
-    ]
-)
-header_lines = st.sampled_from(
-    [
-        b"Token: " + TOKEN.encode(),
-        b"Authorization: Bearer " + TOKEN.encode(),
-        b"Token: wrong",
-        b"Content-Type: text/plain",
-        b"Content-Length: 5",
-        b"Content-Length: 0",
-        b"Content-Length: 5, 5",
-        b"Content-Length: -1",
-        b"Content-Length: 99999999999",
-        b"Transfer-Encoding: chunked",
-        b"Transfer-Encoding: gzip",
-        b"Expect: 100-continue",
-        b"Connection: close",
-        b"Connection: keep-alive",
-        b"Host: localhost",
-        b" folded continuation",
-        b"\tfolded continuation",
-        b"No-Colon-Here",
-        b"Bad Name: x",
-        b"X-Bare-CR: a\rb",
-        b"X-Bare-LF: a\nb",
-        b"X-Nul: a\x00b",
-        b": empty name",
-        b"X-Long: " + b"a" * 9000,
-    ]
-)
+#: Request lines and header lines a head may be read whole with ...
+usual_request_lines = [b"POST /echo HTTP/1.1", b"POST /echo HTTP/1.0", b"POST /echo?x=1 HTTP/1.1"]
+usual_header_lines = [
+    b"Token: " + TOKEN.encode(),
+    b"Token:" + TOKEN.encode(),
+    b"Authorization: Bearer " + TOKEN.encode(),
+    b"Token: wrong",
+    b"Content-Type: text/plain",
+    b"Content-Length: 5",
+    b"content-length: 5",
+    b"Content-Length: 0",
+    b"Content-Length: 5, 5",
+    b"Content-Length: -1",
+    b"Content-Length: 99999999999",
+    b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: gzip",
+    b"Expect: 100-continue",
+    b"Connection: close",
+    b"Connection: keep-alive",
+    b"Host: localhost",
+    b"X-Blanks: \t a  b \t",
+    b"X-Empty:",
+    b"X-Empty-Blanks: \t ",
+]
+#: ... and those the line parser must see, for its own answer.
+odd_request_lines = [
+    b"GET /echo HTTP/1.1",
+    b"POST /other HTTP/1.1",
+    b"POST /echo HTTP/2.0",
+    b"POST /echo HTTP/1.1 extra",
+    b"POST  /echo HTTP/1.1",
+    b"P\x00ST /echo HTTP/1.1",
+    b"POST /echo",
+]
+odd_header_lines = [
+    b" folded continuation",
+    b"\tfolded continuation",
+    b"No-Colon-Here",
+    b"Bad Name: x",
+    b"Name : space before the colon",
+    b"X-Bare-CR: a\rb",
+    b"X-Bare-LF: a\nb",
+    b"X-Nul: a\x00b",
+    b": empty name",
+    b"X-Long: " + b"a" * 9000,
+]
+request_lines = st.sampled_from(usual_request_lines + odd_request_lines)
+header_lines = st.sampled_from(usual_header_lines + odd_header_lines)
 bodies = st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"hello" * 3])
 
 
 @st.composite
-def requests(draw: st.DrawFn) -> bytes:
+def requests(
+    draw: st.DrawFn,
+    request_lines: st.SearchStrategy[bytes] = request_lines,
+    header_lines: st.SearchStrategy[bytes] = header_lines,
+) -> bytes:
     line = draw(request_lines)
     headers = draw(st.lists(header_lines, max_size=8))
     head = b"\r\n".join([line, *headers]) + b"\r\n\r\n"
@@ -90,7 +101,42 @@ def answer(request: bytes, piece: int) -> bytes:
     return _DATE.sub(b"", out)
 
 
+def heads_seen(request: bytes, piece: int) -> list[list[tuple[bytes, list[bytes]]]]:
+    """
+    The headers each request holds once its head is in (when it decides),
+    for these bytes fed C{piece} bytes at a time.
+    """
+    seen: list[list[tuple[bytes, list[bytes]]]] = []
+
+    class Recording(EchoRequest):
+        def parseCookies(self) -> None:
+            seen.append([(k, list(v)) for k, v in self.requestHeaders.getAllRawHeaders()])
+            super().parseCookies()
+
+    server = InMemoryHTTP(TOKEN)
+    server.protocol._channel.requestFactory = Recording
+    try:
+        for i in range(0, len(request), piece):
+            if server.transport.disconnecting:
+                break
+            server.feed(request[i : i + piece])
+    finally:
+        server.close()
+    return seen
+
+
 class WholeHeadTests(TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        first=requests(st.sampled_from(usual_request_lines), st.sampled_from(usual_header_lines)),
+        second=requests(),
+    )
+    def test_a_whole_head_stores_the_headers_the_line_parser_stores(
+        self, first: bytes, second: bytes
+    ) -> None:
+        pipelined = first + second
+        self.assertEqual(heads_seen(pipelined, len(pipelined)), heads_seen(pipelined, 1))
+
     @settings(max_examples=300, deadline=None)
     @given(first=requests(), second=requests())
     def test_a_whole_head_is_answered_as_one_read_line_by_line(
