@@ -65,6 +65,11 @@ def parse_args(argv=None):
         help=f"comma list of {', '.join(SCENARIOS)} (default: both)",
     )
     p.add_argument("--repeat", type=int, default=1, help="counts per venv and scenario (1)")
+    p.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="copy each callgrind dump here (read them with callgrind_annotate --inclusive=yes)",
+    )
     a = p.parse_args(argv)
     a.requests = max(100, min(a.requests, 50_000))  # bounded: ~50x slower than native
     a.repeat = max(1, min(a.repeat, 5))
@@ -162,7 +167,7 @@ class Counted:
         if not ok or int(ok.group(1)) != requests:
             raise RuntimeError(f"{self.name}: h2load did not get {requests} 2xx:\n{done.stdout}")
 
-    def count(self, scenario: str, requests: int, warmup: int) -> float:
+    def count(self, scenario: str, requests: int, warmup: int, keep: str | None) -> float:
         """Instructions per request of C{requests} requests, after C{warmup} unmeasured ones."""
         self.load(scenario, warmup)
         for old in self._dumps():
@@ -177,6 +182,9 @@ class Counted:
             raise RuntimeError(f"{self.name}: expected one callgrind dump, found {dumps}")
         with open(dumps[0]) as f:
             total = next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(dumps[0], os.path.join(keep, f"callgrind.{self.name}.{scenario}.out"))
         return total / requests
 
     def _dumps(self) -> list[str]:
@@ -215,7 +223,7 @@ def main(argv=None) -> int:
                 try:
                     for sc in scenarios:
                         for _ in range(args.repeat):
-                            ir = server.count(sc, args.requests, args.warmup)
+                            ir = server.count(sc, args.requests, args.warmup, args.keep)
                             results.setdefault((name, sc), []).append(ir)
                             log(f"{name} {sc}: {ir:,.0f} instructions per request")
                 finally:

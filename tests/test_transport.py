@@ -22,10 +22,19 @@ from OpenSSL import SSL
 from OpenSSL._util import lib as openssl_lib
 from twisted.internet import abstract, tcp
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    INegotiated,
+    IProtocol,
+    IPushProducer,
+    ISystemHandle,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -383,6 +392,34 @@ class TwistedInternalsTests(TestCase):
         pair = _Pair()
         self.assertEqual(pair.wire.bufferSize, transport.READ_SIZE)  # type: ignore[attr-defined]
         self.assertEqual(pair.wire.SEND_LIMIT, transport.SEND_LIMIT)  # type: ignore[attr-defined]
+
+    def test_no_class_under_the_transport_forwards_unknown_attributes(self) -> None:
+        # A __getattr__ anywhere in the MRO puts every attribute access on the
+        # slow generic path (see transport._without_attribute_forwarding).
+        self.assertEqual(
+            [c for c in transport.BulkTLSProtocol.__mro__ if "__getattr__" in vars(c)], []
+        )
+        for interface in (ITransport, ISystemHandle, INegotiated, IProtocol):
+            self.assertTrue(interface.implementedBy(transport.BulkTLSProtocol), interface)
+
+    def test_the_tcp_transports_methods_are_forwarded(self) -> None:
+        # What the HTTP channel does with its transport as a producer.
+        pair = _Pair()
+        pair.server.pauseProducing()
+        self.assertEqual(pair.wire.producerState, "paused")
+        pair.server.resumeProducing()
+        self.assertEqual(pair.wire.producerState, "producing")
+        pair.server.stopProducing()
+        self.assertEqual(pair.wire.producerState, "stopped")
+        self.assertTrue(IPushProducer.providedBy(pair.server))
+
+    def test_the_tls_methods_are_twisteds(self) -> None:
+        # The copy runs Twisted's own code, not a re-implementation.
+        for name in ("write", "loseConnection", "_shutdownTLS", "registerProducer"):
+            self.assertIs(
+                getattr(transport.BulkTLSProtocol, name), getattr(TLSMemoryBIOProtocol, name)
+            )
+        self.assertIs(transport.BulkTLSProtocol.getPeer, ProtocolWrapper.getPeer)
 
     def test_partial_write_constant_is_openssls(self) -> None:
         self.assertEqual(
