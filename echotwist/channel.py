@@ -188,9 +188,11 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         if self._rejected:
             return
         self._bytes_seen += len(data)
-        if self._in_headers:
+        # self._in_headers and self._awaiting_request_line, without the
+        # property calls (this runs for every read).
+        if self.line_mode and not self._handlingRequest:
             self._arm_header_deadline()
-            if self._awaiting_request_line:
+            if self._HTTPChannel__first_line:
                 if not self._buffer and not self._busyReceiving:
                     # A whole head is checked as it is read (and needs no screening).
                     taken = self._take_head(data)
@@ -231,7 +233,7 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
             head.count(b"\n") != count - 1
             or count - 1 > self.maxHeaders
             or end - 2 * (count - 1) + self._receivedHeaderSize > self.totalHeadersSize
-            or max(map(len, lines)) > self.MAX_LENGTH
+            or (end > self.MAX_LENGTH and max(map(len, lines)) > self.MAX_LENGTH)
             or not self.persistent
         ):
             return data

@@ -425,6 +425,7 @@ class EchoRequest(server.Request):
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
+        #: Decided once (a finished request no longer has a channel).
         self._http1 = isinstance(channel, HTTPChannel)
         self.started = time.monotonic()
         self.early: int | None = None
@@ -432,25 +433,17 @@ class EchoRequest(server.Request):
         self.accepted = False
         self.body_received = 0
         self._answered = False
-        self._registered = self._is_http1
+        self._registered = self._http1
         self._linger: IDelayedCall | None = None
         self._body_deadline: Deadline | None = None
         self._own_deadline = False
         #: Bytes reserved in the resource's memory budget for this body.
         self._in_memory = 0
+        #: Kept from construction: a finished request no longer has a channel.
         self._echo = cast(EchoResource, channel.site.resource)
         self._body_started = 0.0
 
     # -- decisions ---------------------------------------------------------
-
-    @property
-    def _is_http1(self) -> bool:
-        # Decided once: a finished request no longer has a channel.
-        return self._http1
-
-    def _resource(self) -> EchoResource:
-        # Kept from construction: a finished request no longer has a channel.
-        return self._echo
 
     def _limits(self) -> Limits:
         return limits_of(self._channel.site)
@@ -466,7 +459,7 @@ class EchoRequest(server.Request):
     def _head(self) -> tuple[bytes, bytes, bytes]:
         """Method, path and version, which Twisted sets only once the body is in."""
         ch = self._channel
-        if self._is_http1:
+        if self._http1:
             return ch._command, ch._path, ch._version
         return ch.command or b"", ch.path or b"", b"HTTP/2"
 
@@ -480,19 +473,17 @@ class EchoRequest(server.Request):
         """All headers are in: decide now (no cookies matter to an echo service)."""
         method, path, _ = self._head()
         length = self._declared_length()
-        self.early = self._resource().early_status(
-            method, path, self.requestHeaders, length, self.client
-        )
+        self.early = self._echo.early_status(method, path, self.requestHeaders, length, self.client)
         if self.early is not None:
             # Twisted answers Expect: 100-continue right after this call.
             self.requestHeaders.removeHeader(b"expect")
-            if not self._is_http1:
+            if not self._http1:
                 # HTTP/2 has already called gotLength: drop what it prepared.
                 self.content = _Discard()
                 self._release_memory()
             return
         self.accepted = True
-        if self._is_http1:
+        if self._http1:
             # The bytes after the head wait in the line parser's buffer: when
             # the whole body is there already, it is read before this call
             # returns, and no clock is needed.
@@ -513,10 +504,10 @@ class EchoRequest(server.Request):
         if self.early is not None:
             self.content = _Discard()
             self._refuse_now()
-        elif length is not None and self._resource().reserve_memory(length):
+        elif length is not None and self._echo.reserve_memory(length):
             self._in_memory = length
             self.content = _InMemoryBody()
-        elif length is None and self._resource().reserve_memory(MEMORY_BODY_MAX):
+        elif length is None and self._echo.reserve_memory(MEMORY_BODY_MAX):
             # Chunked: in memory while it stays small, a file once it grows.
             self._in_memory = MEMORY_BODY_MAX
             self.content = tempfile.SpooledTemporaryFile(max_size=MEMORY_BODY_MAX)
@@ -525,7 +516,7 @@ class EchoRequest(server.Request):
 
     def _release_memory(self) -> None:
         if self._in_memory:
-            self._resource().release_memory(self._in_memory)
+            self._echo.release_memory(self._in_memory)
             self._in_memory = 0
 
     def stream_registered(self) -> None:
@@ -538,7 +529,7 @@ class EchoRequest(server.Request):
         self.body_received += len(data)
         if self.finished or self.content is None:
             return
-        if self.early is None and self.body_received > self._resource().max_body:
+        if self.early is None and self.body_received > self._echo.max_body:
             self._refuse_midway(http.REQUEST_ENTITY_TOO_LARGE)
         if self.content is not None:  # an HTTP/2 refusal finishes the request at once
             cast("IO[bytes]", self.content).write(data)
@@ -558,7 +549,7 @@ class EchoRequest(server.Request):
             return
         # An HTTP/1.1 channel lends its connection timer (its header deadline
         # is over); an HTTP/2 stream's request has a timer of its own.
-        shared = getattr(self.channel, "deadline", None) if self._is_http1 else None
+        shared = getattr(self.channel, "deadline", None) if self._http1 else None
         if isinstance(shared, Deadline):
             self._body_deadline, self._own_deadline = shared, False
         else:
@@ -594,7 +585,7 @@ class EchoRequest(server.Request):
             seconds=now - self._body_started,
         )
         self._refuse_midway(http.REQUEST_TIMEOUT)
-        if self._is_http1:
+        if self._http1:
             self._stop_lingering()
 
     # -- answering ---------------------------------------------------------
@@ -613,7 +604,7 @@ class EchoRequest(server.Request):
         self.path = path.split(b"?", 1)[0]
         self._write_head_defaults()
         body = refuse(self, self.early)
-        if self._is_http1:
+        if self._http1:
             self.channel.persistent = False
             self.content = _Discard(self._linger_check)
             self.write(body)
@@ -654,7 +645,7 @@ class EchoRequest(server.Request):
         for name, value in getattr(site, "response_headers", list)():
             if name == b"connection":
                 # The server is draining: this answer is the connection's last.
-                if not self._is_http1:
+                if not self._http1:
                     continue  # HTTP/2 forbids the header; the drain sends GOAWAY.
                 self.channel.persistent = False
             self.setHeader(name, value)

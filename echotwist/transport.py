@@ -90,7 +90,7 @@ def ciphertext_bound(plaintext: int) -> int:
     return plaintext + records * RECORD_OVERHEAD + 4096
 
 
-def _read_plaintext(tls: Any) -> tuple[bytes, bool]:
+def _read_plaintext(tls: Any, ssl: Any, into_ssl: Any) -> tuple[bytes, bool]:
     """
     Decrypt the records waiting in C{tls}'s receive BIO into one buffer, sized
     for all of them, and return its contents and whether the buffer filled up
@@ -103,9 +103,10 @@ def _read_plaintext(tls: Any) -> tuple[bytes, bool]:
     C{ZeroReturnError} at the peer's close, C{Error} otherwise); when some
     plaintext was read before an error, the plaintext is returned and the
     error is met again on the next call.
+
+    @param ssl: C{tls}'s C{SSL} pointer.
+    @param into_ssl: C{tls}'s receive BIO.
     """
-    ssl = tls._ssl
-    into_ssl = tls._into_ssl
     # Ciphertext is never shorter than the plaintext it carries.
     room = max(_lib.BIO_get_mem_data(into_ssl, _ffi.NULL) + _lib.SSL_pending(ssl), MAX_RECORD)
     buffer = _allocate("char[]", room)
@@ -200,6 +201,10 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
 
     #: Small ciphertext waiting for the end of the reactor turn.
     _waiting: list[bytes]
+    #: The connection's C{SSL} pointer and memory BIOs (cffi pointers).
+    _ssl: Any
+    _into_ssl: Any
+    _from_ssl: Any
 
     def makeConnection(self, transport: Any) -> None:
         self._waiting = []
@@ -208,6 +213,13 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         transport.bufferSize = READ_SIZE
         transport.SEND_LIMIT = SEND_LIMIT
         super().makeConnection(transport)
+        # The OpenSSL pointers, read once: attribute reads on an SSL.Connection
+        # take the slow path (it has a __getattr__).  Nothing is read or
+        # written before this (a server's writes wait for its handshake).
+        tls = self._tlsConnection
+        self._ssl = tls._ssl
+        self._into_ssl = tls._into_ssl
+        self._from_ssl = tls._from_ssl
 
     # -- in -----------------------------------------------------------------
 
@@ -220,10 +232,10 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         Twisted's C{dataReceived}.
         """
         if self._handshakeDone and not self._appSendBuffer:
-            tls = self._tlsConnection
-            result = _lib.BIO_write(tls._into_ssl, _ffi.from_buffer(data), len(data))
+            into_ssl = self._into_ssl
+            result = _lib.BIO_write(into_ssl, _ffi.from_buffer(data), len(data))
             if result <= 0:
-                tls._handle_bio_errors(tls._into_ssl, result)
+                self._tlsConnection._handle_bio_errors(into_ssl, result)
             self._flushReceiveBIO()
             return
         super().dataReceived(data)
@@ -243,10 +255,11 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         Bounded: the BIO holds at most what one read from the socket brought.
         """
         tls = self._tlsConnection
+        ssl, into_ssl = self._ssl, self._into_ssl
         chunks: list[bytes] = []
         while not self._lostTLSConnection:
             try:
-                chunk, more = _read_plaintext(tls)
+                chunk, more = _read_plaintext(tls, ssl, into_ssl)
             except WantReadError:
                 break
             except ZeroReturnError:
@@ -269,7 +282,7 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         self._deliver(chunks)
         # The records read may have produced a reply (e.g. a KeyUpdate); when
         # they did not, small writes stay waiting for the end of the turn.
-        if _lib.BIO_get_mem_data(self._tlsConnection._from_ssl, _ffi.NULL) > 0:
+        if _lib.BIO_get_mem_data(self._from_ssl, _ffi.NULL) > 0:
             self._flushSendBIO()
 
     def _deliver(self, chunks: list[bytes]) -> None:
@@ -298,8 +311,7 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         """
         if self._lostTLSConnection:
             return
-        tls = self._tlsConnection
-        ssl = tls._ssl
+        ssl = self._ssl
         view = memoryview(bytes)
         total = len(view)
         done = 0
@@ -308,7 +320,7 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
             sent = _lib.SSL_write(ssl, _ffi.from_buffer(piece), len(piece))
             if sent <= 0:
                 try:
-                    tls._raise_ssl_error(ssl, sent)
+                    self._tlsConnection._raise_ssl_error(ssl, sent)
                 except WantReadError:
                     self._bufferedWrite(view[done:].tobytes())
                     break
@@ -331,7 +343,7 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         copied.
         """
         size = ciphertext_bound(plaintext)
-        from_ssl = self._tlsConnection._from_ssl
+        from_ssl = self._from_ssl
         while True:
             buffer = _allocate("char[]", size)
             filled = 0
