@@ -191,18 +191,21 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         # self._in_headers and self._awaiting_request_line, without the
         # property calls (this runs for every read).
         if self.line_mode and not self._handlingRequest:
-            self._arm_header_deadline()
             if self._HTTPChannel__first_line:
                 if not self._buffer and not self._busyReceiving:
-                    # A whole head is checked as it is read (and needs no screening).
+                    # A whole head is checked as it is read (and needs no
+                    # screening), and is in before any deadline could pass.
                     taken = self._take_head(data)
                     if taken is None:
                         return
                     if taken is not data:
                         super().dataReceived(taken)
                         return
+                self._arm_header_deadline()
                 if not self._screen_request_start(data):
                     return
+            else:
+                self._arm_header_deadline()
         super().dataReceived(data)
 
     def _take_head(self, data: bytes) -> bytes | None:
@@ -316,9 +319,10 @@ class EchoHTTPChannel(_CachedAddresses, http.HTTPChannel):
         super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
-        if self._deadline is not None:
+        deadline = self._deadline
+        if deadline is not None and deadline.when is not None:
             # Cleared, not cancelled: the next request re-arms the same timer.
-            self._deadline.clear(self._headers_too_slow)
+            deadline.clear(self._headers_too_slow)
         super().allHeadersReceived()
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -131,7 +131,16 @@ class Deadline:
 
     def set_in(self, seconds: float, expired: Callable[[], Any]) -> None:
         """Run C{expired} C{seconds} from now, replacing whatever was due."""
-        self.set(self._clock.seconds() + seconds, expired)
+        # L{set}, written out: this runs a few times per request.
+        when = self._clock.seconds() + seconds
+        self.when = when
+        self._expired = expired
+        call = self._call
+        if call is not None:
+            if self._call_at <= when:
+                return
+            call.cancel()
+        self._schedule(when)
 
     def due(self, expired: Callable[[], Any]) -> bool:
         """Whether C{expired} is the callback now due."""
