@@ -47,7 +47,7 @@ ACCESS_FORMAT = "{line}"
 MAX_PENDING = 64 * 1024
 
 
-def emit(logger: Logger, level: LogLevel, format: str, fields: dict[str, Any]) -> None:
+def emit(logger: Logger, level: LogLevel, format: str, **fields: Any) -> None:
     """
     Emit C{fields} as an event at C{level} through C{logger}: the event
     L{Logger.emit} makes, for a caller that knows its level is valid.
@@ -56,14 +56,12 @@ def emit(logger: Logger, level: LogLevel, format: str, fields: dict[str, Any]) -
     which builds and sorts a list on every call: a few percent of a small
     request's CPU for the access log, whose level is a constant.
     """
-    fields.update(
-        log_logger=logger,
-        log_level=level,
-        log_namespace=logger.namespace,
-        log_source=logger.source,
-        log_format=format,
-        log_time=time.time(),
-    )
+    fields["log_logger"] = logger
+    fields["log_level"] = level
+    fields["log_namespace"] = logger.namespace
+    fields["log_source"] = logger.source
+    fields["log_format"] = format
+    fields["log_time"] = time.time()
     logger.observer(fields)
 
 
@@ -94,6 +92,11 @@ class TextLogObserver:
         self._second = -1
         self._stamp = ""
         self._systems: dict[tuple[Any, Any], str] = {}
+        # The line prefix of the last access event: its second, namespace, level.
+        self._access_second = -1
+        self._access_namespace: Any = None
+        self._access_level: Any = None
+        self._access_prefix = ""
         self._watching_shutdown = False
 
     # -- formatting -------------------------------------------------------------
@@ -134,13 +137,34 @@ class TextLogObserver:
             text = eventAsText(event, includeTimestamp=False, includeSystem=False)
         if not text:
             return None
-        line = f"{self._time(event.get('log_time'))} [{self._system(event)}] {self.prefix}{text}"
-        return line.replace("\n", "\n\t") + "\n"
+        prefix = f"{self._time(event.get('log_time'))} [{self._system(event)}] {self.prefix}"
+        if event.get("log_format") == ACCESS_FORMAT and "log_system" not in event:
+            # Kept for the access lines of the same second (see __call__).
+            self._access_second = self._second
+            self._access_namespace = event.get("log_namespace")
+            self._access_level = event.get("log_level")
+            self._access_prefix = prefix
+        return (prefix + text).replace("\n", "\n\t") + "\n"
 
     # -- writing ----------------------------------------------------------------
 
     def __call__(self, event: LogEvent) -> None:
-        line = self.format(event)
+        when = event.get("log_time")
+        if (
+            event.get("log_format") == ACCESS_FORMAT
+            and when is not None
+            and int(when) == self._access_second
+            and event.get("log_namespace") == self._access_namespace
+            and event.get("log_level") is self._access_level
+            and "log_system" not in event
+            and "log_failure" not in event
+        ):
+            # An access line in the same second as the last: what format()
+            # returns, from the prefix it made then (one line per request).
+            text = str(event.get("line", ""))
+            line = self._access_prefix + text.replace("\n", "\n\t") + "\n" if text else None
+        else:
+            line = self.format(event)
         if line is None:
             return
         with self._lock:

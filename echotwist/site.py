@@ -146,15 +146,12 @@ class EchoSite(server.Site):
             _access_log,
             LogLevel.info,
             ACCESS_FORMAT,
-            {
-                "line": _ACCESS_LINE
-                % (peer, method, path, status, body_in, bytes_out, duration_ms),
-                "peer": peer,
-                "method": method,
-                "path": path,
-                "status": status,
-                "bytes_in": body_in,
-                "bytes_out": bytes_out,
-                "duration_ms": duration_ms,
-            },
+            line=_ACCESS_LINE % (peer, method, path, status, body_in, bytes_out, duration_ms),
+            peer=peer,
+            method=method,
+            path=path,
+            status=status,
+            bytes_in=body_in,
+            bytes_out=bytes_out,
+            duration_ms=duration_ms,
         )

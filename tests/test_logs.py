@@ -109,6 +109,39 @@ class FormatTests(TestCase):
         self.assertTrue(line.endswith("[echotwist.test#info] [worker 7] hello world\n"), line)
 
 
+class AccessLineTests(TestCase):
+    def test_access_lines_in_a_row_are_written_like_twistd(self) -> None:
+        """
+        Access lines of one second reuse the prefix of the last one (a short
+        path in the observer): what is written is still twistd's line, as the
+        second, the namespace and the system change.
+        """
+
+        def access(line: str, **fields: Any) -> dict[str, Any]:
+            return event(log_format=ACCESS_FORMAT, line=line, **fields)
+
+        events = [
+            access("a 200"),
+            access("b 200", log_time=NOW + 0.5),
+            access("c 401", log_namespace="echotwist.other"),
+            access("d 200"),
+            access("e 200", log_time=NOW + 1.2),
+            access("f 200", log_time=NOW + 1.3, log_system="TLS Port 8000"),
+            access("g\nsecond line", log_time=NOW + 1.4),
+            access("", log_time=NOW + 1.5),
+            access("h 200", log_time=NOW + 1.6, log_level=LogLevel.warn),
+            access("i 200", log_time=NOW + 1.7),
+            event(log_time=NOW + 1.8),
+            access("j 200", log_time=NOW + 1.9),
+        ]
+        out = io.StringIO()
+        observer = TextLogObserver(out)
+        for e in events:
+            observer(dict(e))
+        expected = "".join(formatEventAsClassicLogText(dict(e)) or "" for e in events)
+        self.assertEqual(out.getvalue(), expected)
+
+
 class WriteTests(TestCase):
     """Lines of one reactor turn go out together; nothing waits otherwise."""
 
@@ -198,7 +231,7 @@ class EmitTests(TestCase):
         seen: list[dict[str, Any]] = []
         logger = Logger(namespace="echotwist.access", source=self, observer=seen.append)
         logger.info(ACCESS_FORMAT, line="the line", status=200)
-        emit(logger, LogLevel.info, ACCESS_FORMAT, {"line": "the line", "status": 200})
+        emit(logger, LogLevel.info, ACCESS_FORMAT, line="the line", status=200)
         ours, theirs = seen[1], seen[0]
         self.assertLessEqual(abs(ours.pop("log_time") - theirs.pop("log_time")), 1.0)
         self.assertEqual(ours, theirs)
