@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
 from echotwist.addresses import CachedAddresses
+from echotwist.h2_headers import CheckedStream
 from echotwist.limits import limits_of
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
@@ -53,7 +54,9 @@ _DONE = Failure(ConnectionDone())
 
 class _ServerMachine(_H2Machine):
     """
-    h2's connection state machine, less one eager C{repr()} per received frame.
+    h2's connection state machine, less one eager C{repr()} per received frame,
+    with streams that check received headers the short way first
+    (L{CheckedStream}).
 
     h2 formats every received frame (C{repr(frame)}, which renders its payload)
     for a trace log before handling it, whether or not anything logs: about 2%
@@ -61,6 +64,12 @@ class _ServerMachine(_H2Machine):
     (h2 4.x), statement for statement, without that line; a test compares the
     two so that a change in h2 is noticed.
     """
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        """h2's new stream, checking the headers it receives the short way first."""
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = CheckedStream
+        return stream
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
         """Handle a received frame (h2's method without the trace log call)."""

@@ -1,0 +1,190 @@
+"""
+HTTP/2 request headers checked in one pass (L{echotwist.h2_headers}): it must
+agree with h2's own validation on every header block, good or bad.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.exceptions import ProtocolError
+from h2.stream import H2Stream
+from h2.utilities import HeaderValidationFlags, validate_headers
+from hpack import HeaderTuple
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import TestCase
+
+from echotwist.h2_headers import CheckedStream, plainly_valid
+
+REQUEST = HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+
+USUAL = [
+    (b":method", b"POST"),
+    (b":path", b"/echo"),
+    (b":scheme", b"https"),
+    (b":authority", b"localhost:8000"),
+    (b"token", b"e" * 40),
+    (b"content-type", b"application/octet-stream"),
+    (b"content-length", b"5"),
+]
+
+names = st.sampled_from(
+    [
+        b":method",
+        b":scheme",
+        b":path",
+        b":authority",
+        b":protocol",
+        b":status",
+        b":bogus",
+        b"host",
+        b"token",
+        b"content-length",
+        b"cookie",
+        b"te",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"Upper-Case",
+        b"bad name",
+        b"x:colon",
+        b"",
+        b"x\x7f",
+        b"x\x00",
+        b"\xc3\xa9",
+    ]
+)
+values = st.sampled_from(
+    [
+        b"",
+        b"POST",
+        b"GET",
+        b"CONNECT",
+        b"/echo",
+        b"https",
+        b"localhost:8000",
+        b"other:8000",
+        b"trailers",
+        b"Trailers",
+        b"gzip",
+        b" lead",
+        b"trail ",
+        b"\ttab",
+        b"in side",
+        b"a\x00b",
+        b"a\rb",
+        b"a\nb",
+        b"\xff\xfe",
+    ]
+)
+header_lists = st.lists(st.tuples(names, values), max_size=9)
+# Mostly well-formed requests, changed here and there.
+usual_lists = st.builds(
+    lambda extra, at, drop: [h for i, h in enumerate(USUAL) if i != drop][:at] + extra + USUAL[at:],
+    st.lists(st.tuples(names, values), max_size=2),
+    st.integers(0, len(USUAL)),
+    st.integers(-1, len(USUAL) - 1),
+)
+flags = st.builds(HeaderValidationFlags, st.booleans(), st.booleans(), st.booleans(), st.booleans())
+
+
+def h2_says(headers: list[Any], flags: HeaderValidationFlags) -> list[Any] | str:
+    """What h2's validation makes of a header block: the block, or its error."""
+    try:
+        return list(validate_headers(list(headers), flags))
+    except ProtocolError as e:
+        return f"ProtocolError: {e}"
+
+
+def stream_says(cls: type[H2Stream], headers: list[Any], flags: HeaderValidationFlags) -> Any:
+    """What a stream of class C{cls} hands on for a received header block."""
+    config = H2Configuration(client_side=False, header_encoding=None)
+    stream = cls(1, config=config, inbound_window_size=65535, outbound_window_size=65535)
+    try:
+        return stream._process_received_headers(list(headers), flags, None)
+    except ProtocolError as e:
+        return f"ProtocolError: {e}"
+
+
+class PlainlyValidTests(TestCase):
+    def test_the_usual_request_is_plainly_valid(self) -> None:
+        self.assertTrue(plainly_valid(USUAL, REQUEST))
+        with_host = [*USUAL, (b"host", b"localhost:8000")]
+        self.assertTrue(plainly_valid(with_host, REQUEST))
+        self.assertTrue(plainly_valid([HeaderTuple(n, v) for n, v in USUAL], REQUEST))
+
+    def test_each_rule_broken_once_is_left_to_h2_which_refuses_it(self) -> None:
+        broken = {
+            "uppercase name": [*USUAL, (b"Token", b"x")],
+            "space in a name": [*USUAL, (b"x y", b"x")],
+            "colon in a name": [*USUAL, (b"x:y", b"x")],
+            "empty name": [*USUAL, (b"", b"x")],
+            "DEL in a name": [*USUAL, (b"x\x7f", b"x")],
+            "NUL in a value": [*USUAL, (b"x", b"a\x00b")],
+            "CR in a value": [*USUAL, (b"x", b"a\rb")],
+            "LF in a value": [*USUAL, (b"x", b"a\nb")],
+            "value starts blank": [*USUAL, (b"x", b" a")],
+            "value ends blank": [*USUAL, (b"x", b"a\t")],
+            "connection header": [*USUAL, (b"connection", b"close")],
+            "te other than trailers": [*USUAL, (b"te", b"gzip")],
+            "pseudo after regular": [*USUAL, (b":path", b"/echo")],
+            "duplicate pseudo": [USUAL[0], *USUAL],
+            "unknown pseudo": [(b":bogus", b"x"), *USUAL],
+            "response pseudo": [(b":status", b"200"), *USUAL],
+            "no :method": USUAL[1:],
+            "no :path": [USUAL[0], *USUAL[2:]],
+            "empty :path": [USUAL[0], (b":path", b""), *USUAL[2:]],
+            "no :scheme": [*USUAL[:2], *USUAL[3:]],
+            "no :authority nor host": [*USUAL[:3], *USUAL[4:]],
+            "two hosts": [*USUAL, (b"host", b"localhost:8000"), (b"host", b"localhost:8000")],
+            ":authority and host differ": [*USUAL, (b"host", b"other:8000")],
+        }
+        for rule, headers in broken.items():
+            self.assertFalse(plainly_valid(headers, REQUEST), rule)
+            self.assertIsInstance(h2_says(headers, REQUEST), str, rule)
+        # Exotic but valid: left to h2, which accepts them.
+        connect = [(b":method", b"CONNECT"), (b":authority", b"localhost:8000")]
+        self.assertFalse(plainly_valid(connect, REQUEST))
+        self.assertEqual(h2_says(connect, REQUEST), connect)
+
+    def test_other_blocks_are_left_to_h2(self) -> None:
+        trailer = REQUEST._replace(is_trailer=True)
+        self.assertFalse(plainly_valid([(b"x", b"y")], trailer))
+        self.assertFalse(plainly_valid(USUAL, REQUEST._replace(is_client=True)))
+
+    @settings(max_examples=600, deadline=None)
+    @given(headers=st.one_of(header_lists, usual_lists), flags=flags)
+    def test_plainly_valid_only_what_h2_accepts(
+        self, headers: list[Any], flags: HeaderValidationFlags
+    ) -> None:
+        if plainly_valid(headers, flags):
+            self.assertEqual(h2_says(headers, flags), headers)
+
+    @settings(max_examples=600, deadline=None)
+    @given(headers=st.one_of(usual_lists, header_lists))
+    def test_every_ordinary_request_h2_accepts_is_plainly_valid(self, headers: list[Any]) -> None:
+        # CONNECT and :protocol (extended CONNECT) are left to h2 on purpose.
+        exotic = (b":method", b"CONNECT") in headers or any(n == b":protocol" for n, _ in headers)
+        if not exotic:
+            self.assertEqual(
+                plainly_valid(headers, REQUEST), isinstance(h2_says(headers, REQUEST), list)
+            )
+
+    @settings(max_examples=400, deadline=None)
+    @given(headers=st.one_of(usual_lists, header_lists), flags=flags)
+    def test_a_checked_stream_hands_on_what_h2s_stream_does(
+        self, headers: list[Any], flags: HeaderValidationFlags
+    ) -> None:
+        self.assertEqual(
+            stream_says(CheckedStream, headers, flags), stream_says(H2Stream, headers, flags)
+        )
+
+    def test_cookies_are_combined_as_h2_combines_them(self) -> None:
+        headers = [*USUAL, (b"cookie", b"a=1"), (b"cookie", b"b=2")]
+        ours = stream_says(CheckedStream, headers, REQUEST)
+        self.assertEqual(ours, stream_says(H2Stream, headers, REQUEST))
+        self.assertIn((b"cookie", b"a=1; b=2"), ours)
