@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
 from echotwist.addresses import CachedAddresses
-from echotwist.h2_headers import CheckedStream
+from echotwist.h2_headers import CheckedStream, normalized_outbound
 from echotwist.limits import limits_of
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
@@ -230,9 +230,11 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         super().__init__(reactor)
         config = self.conn.config
         # Our own response headers need no checking by h2 (they are Twisted's,
-        # already validated); inbound validation stays on.  Normalisation
-        # stays on too: it lowercases Twisted's Title-Case names for HTTP/2.
+        # already validated); inbound validation stays on.  Their
+        # normalisation (Twisted's Title-Case names lowercased for HTTP/2) is
+        # done by writeHeaders, the short way (h2_headers.normalized_outbound).
         config.validate_outbound_headers = False
+        config.normalize_outbound_headers = False
         self.conn = _ServerMachine(config=config)
         self.priority = _LazyPriorityTree()
         self._header_call: IDelayedCall | None = None
@@ -289,6 +291,15 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         super().connectionLost(reason, _cancelTimeouts=_cancelTimeouts)
 
     # -- output: one write per read --------------------------------------------
+
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any, streamID: int
+    ) -> None:
+        # What h2's outbound normalisation (off, see __init__) would have made
+        # of them.  Twisted's two other header blocks (100 Continue, a bare
+        # 400) are a lowercase ":status" alone, which it leaves as they are.
+        normalized = normalized_outbound(headers, self.conn.config.split_outbound_cookies)
+        super().writeHeaders(version, code, reason, normalized, streamID)
 
     def _tryToWriteControlData(self) -> bool:
         # Twisted calls this after every frame it has h2 prepare; during a

@@ -1,5 +1,7 @@
 """
-HTTP/2 request headers checked in one pass, with h2's own checks as the judge.
+HTTP/2 headers the short way, with h2's own code as the judge.
+
+Received request headers: checked in one pass.
 
 h2 validates every received header block (RFC 9113 section 8.2: no uppercase
 or control characters in names, no NUL, CR or LF in values, no surrounding
@@ -14,6 +16,13 @@ every one of those checks) in one loop, with regular expressions doing the
 character checks.  It only ever says "valid" or "not sure": a block it is not
 sure of goes through h2's own validation, which raises exactly what it always
 raised.  A property test holds it to h2's answers.  Validation stays on.
+
+Sent response headers: h2 normalises them (lowercase names, no surrounding
+whitespace, no connection-specific fields, credentials never indexed) through
+four more generators.  L{normalized_outbound} does the same for a plain block
+(names Twisted writes in Header-Case, plain values) with one lowercase per
+name, and hands anything else to h2's own normaliser; the HTTP/2 connection
+turns h2's pass off and calls it instead (L{echotwist.h2}).
 """
 
 from __future__ import annotations
@@ -24,9 +33,11 @@ from typing import Any
 
 import h2.stream
 from h2.utilities import (
+    _SECURE_HEADERS,
     CONNECTION_HEADERS,
     HeaderValidationFlags,
     normalize_inbound_headers,
+    normalize_outbound_headers,
     validate_headers,
 )
 
@@ -113,3 +124,29 @@ class CheckedStream(h2.stream.H2Stream):
         if plainly_valid(received, header_validation_flags):
             return received
         return list(validate_headers(received, header_validation_flags))
+
+
+#: Names h2's outbound normaliser does more with than lowercase.
+_NOT_PLAIN_OUTBOUND = CONNECTION_HEADERS | _SECURE_HEADERS | {b"cookie"}
+
+
+def normalized_outbound(
+    headers: list[Any], split_cookies: bool = False, flags: HeaderValidationFlags | None = None
+) -> list[Any]:
+    """
+    What h2's C{normalize_outbound_headers} makes of C{headers} (as a list):
+    the names lowercased, the short way when nothing else would change.
+    """
+    out = []
+    for header in headers:
+        name, value = header
+        lower = name.lower()
+        if (
+            type(header) is not tuple
+            or lower in _NOT_PLAIN_OUTBOUND
+            or lower.strip() != lower
+            or value.strip() != value
+        ):
+            return list(normalize_outbound_headers(headers, flags, split_cookies))
+        out.append((lower, value))
+    return out

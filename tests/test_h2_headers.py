@@ -10,13 +10,13 @@ from typing import Any
 from h2.config import H2Configuration
 from h2.exceptions import ProtocolError
 from h2.stream import H2Stream
-from h2.utilities import HeaderValidationFlags, validate_headers
-from hpack import HeaderTuple
+from h2.utilities import HeaderValidationFlags, normalize_outbound_headers, validate_headers
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from echotwist.h2_headers import CheckedStream, plainly_valid
+from echotwist.h2_headers import CheckedStream, normalized_outbound, plainly_valid
 
 REQUEST = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
@@ -188,3 +188,51 @@ class PlainlyValidTests(TestCase):
         ours = stream_says(CheckedStream, headers, REQUEST)
         self.assertEqual(ours, stream_says(H2Stream, headers, REQUEST))
         self.assertIn((b"cookie", b"a=1; b=2"), ours)
+
+
+out_names = st.sampled_from(
+    [
+        b"Server",
+        b"Date",
+        b"Content-Type",
+        b"Content-Length",
+        b"X-Echotwist-Worker",
+        b"WWW-Authenticate",
+        b"Connection",
+        b"Transfer-Encoding",
+        b"Authorization",
+        b"Proxy-Authorization",
+        b"Cookie",
+        b"Set-Cookie",
+        b" Padded ",
+        b"already-lower",
+    ]
+)
+out_values = st.sampled_from(
+    [b"", b"echotwist", b"64", b"text/plain", b" padded ", b"a=1; b=2", b"x" * 30, b"\tTab"]
+)
+out_headers = st.lists(
+    st.builds(
+        lambda kind, name, value: kind(name, value),
+        st.sampled_from([lambda n, v: (n, v), HeaderTuple, NeverIndexedHeaderTuple]),
+        out_names,
+        out_values,
+    ),
+    max_size=8,
+)
+
+
+class NormalizedOutboundTests(TestCase):
+    def test_a_response_block_is_lowercased(self) -> None:
+        headers = [(b"Server", b"echotwist"), (b"Content-Length", b"5")]
+        self.assertEqual(
+            normalized_outbound(headers), [(b"server", b"echotwist"), (b"content-length", b"5")]
+        )
+
+    @settings(max_examples=500, deadline=None)
+    @given(headers=out_headers, split=st.booleans())
+    def test_the_same_as_h2s_normaliser(self, headers: list[Any], split: bool) -> None:
+        ours = normalized_outbound(list(headers), split)
+        theirs = list(normalize_outbound_headers(list(headers), None, split))
+        self.assertEqual(ours, theirs)
+        self.assertEqual([type(h) for h in ours], [type(h) for h in theirs])
