@@ -241,6 +241,7 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         self._seen_request = False
         self._batching = False
         self._held: dict[int, bytes] = {}
+        self._after_read: list[Any] = []
         #: Streams with data queued and no flow-control window to send it in.
         self._window_blocked: set[int] = set()
 
@@ -268,6 +269,16 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         )
         self.timeoutConnection()
 
+    def after_read(self, call: Any) -> bool:
+        """
+        Call C{call} once the read being handled is done (and its output
+        sent); C{False}, and nothing done, when no read is being handled.
+        """
+        if not self._batching:
+            return False
+        self._after_read.append(call)
+        return True
+
     def dataReceived(self, data: bytes) -> None:
         self._batching = True
         try:
@@ -275,6 +286,9 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         finally:
             self._batching = False
             self._flush()
+            calls, self._after_read = self._after_read, []
+            for call in calls:
+                call()
         if self._window_blocked:
             self._reopen_windows()
         # A header block split over CONTINUATION frames is buffered inside h2

@@ -442,6 +442,9 @@ class EchoRequest(server.Request):
         #: Kept from construction: a finished request no longer has a channel.
         self._echo = cast(EchoResource, channel.site.resource)
         self._body_started = 0.0
+        #: The body clock runs (or, under HTTP/2, may still be set: see
+        #: L{_start_body_clock}).
+        self._body_expected = False
 
     # -- decisions ---------------------------------------------------------
 
@@ -547,6 +550,21 @@ class EchoRequest(server.Request):
     def _start_body_clock(self) -> None:
         if self._limits().body_min_rate <= 0:
             return
+        self._body_started = self._clock().seconds()
+        self._body_expected = True
+        if not self._http1:
+            # An HTTP/2 body usually ends in the read its headers came in: the
+            # timer (a callLater and a cancel per request) is set only if it
+            # has not once that read is done.  The deadline still counts from
+            # now.
+            after_read = getattr(getattr(self.channel, "_conn", None), "after_read", None)
+            if after_read is not None and after_read(self._arm_body_clock):
+                return
+        self._arm_body_clock()
+
+    def _arm_body_clock(self) -> None:
+        if not self._body_expected or self.finished or self._answered or self._disconnected:
+            return
         # An HTTP/1.1 channel lends its connection timer (its header deadline
         # is over); an HTTP/2 stream's request has a timer of its own.
         shared = getattr(self.channel, "deadline", None) if self._http1 else None
@@ -554,12 +572,12 @@ class EchoRequest(server.Request):
             self._body_deadline, self._own_deadline = shared, False
         else:
             self._body_deadline, self._own_deadline = Deadline(self._clock()), True
-        self._body_started = self._clock().seconds()
         self._body_deadline.set(
             self._body_started + self._limits().body_timeout, self._check_body_rate
         )
 
     def _stop_body_clock(self) -> None:
+        self._body_expected = False
         deadline = self._body_deadline
         if deadline is not None:
             self._body_deadline = None

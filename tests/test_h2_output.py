@@ -187,6 +187,35 @@ class OneWritePerReadTests(TestCase):
         self.assertEqual(len(exchange.clock.getDelayedCalls()), before)
         self.assertEqual(exchange.server.streams, {})
 
+    def test_a_body_clock_is_set_only_for_a_body_still_coming_after_the_read(self) -> None:
+        exchange = self.exchange()
+        exchange.request(b"first")
+        exchange.send()
+        turns(exchange.clock, 1)
+        scheduled: list[float] = []
+        call_later = exchange.clock.callLater
+
+        def counting(delay: float, *args: Any, **kwargs: Any) -> Any:
+            scheduled.append(delay)
+            return call_later(delay, *args, **kwargs)
+
+        exchange.clock.callLater = counting  # type: ignore[method-assign]
+        # Headers and the whole body in one read: no timer at all.
+        exchange.request(b"whole")
+        exchange.send()
+        self.assertEqual(scheduled, [])
+        # A body that has not ended when the read is done: its clock, as due
+        # as if it had been set when the headers came.
+        limits = exchange.server.site.limits
+        sid = exchange.request(b"part", end=False)
+        exchange.send()
+        self.assertEqual(scheduled, [limits.body_timeout])
+        exchange.send_body(sid, b"")
+        exchange.send()
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], b"part")
+        self.assertFalse([c for c in exchange.clock.getDelayedCalls() if c.active()])
+
     def test_an_empty_body_is_echoed(self) -> None:
         exchange = self.exchange()
         sid = exchange.request(b"")
