@@ -39,7 +39,11 @@ SCENARIOS = {
     # name: h2load arguments besides -n; 64-byte POST /echo bodies like bench/run's
     "keepalive-64B": ["--h1", "-c", "10"],
     "h2-64B": ["-c", "5", "-m", "10"],
+    # the concurrency of bench/run's scenarios (more requests per read)
+    "keepalive-64B-c50": ["--h1", "-c", "50"],
+    "h2-64B-c50": ["-c", "50", "-m", "10"],
 }
+DEFAULT_SCENARIOS = ["keepalive-64B", "h2-64B"]
 
 
 def parse_args(argv=None):
@@ -61,8 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200, help="unmeasured requests first (200)")
     p.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma list of {', '.join(SCENARIOS)} (default: both)",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma list of {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT_SCENARIOS)})",
     )
     p.add_argument("--repeat", type=int, default=1, help="counts per venv and scenario (1)")
     p.add_argument(

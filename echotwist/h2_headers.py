@@ -40,6 +40,7 @@ from h2.utilities import (
     normalize_outbound_headers,
     validate_headers,
 )
+from hpack import Encoder
 
 #: A character h2 refuses in a name: controls and space, uppercase, DEL and above.
 _BAD_NAME_CHARACTER = re.compile(rb"[^\x21-\x40\x5b-\x7e]")
@@ -150,3 +151,60 @@ def normalized_outbound(
             return list(normalize_outbound_headers(headers, flags, split_cookies))
         out.append((lower, value))
     return out
+
+
+class RepeatingEncoder(Encoder):
+    """
+    hpack's encoder, giving a header block that repeats the last one the bytes
+    it gave then, when the table is as that encoding left it and that encoding
+    did not change it.
+
+    Encoding is a function of the block and the dynamic table.  A response
+    block repeats from one response to the next (same status, server, date of
+    the same second, type and length), and once its fields are in the table
+    encoding it only looks them up and changes nothing: hpack then searches
+    the table for every field again (pure Python, about a tenth of a small
+    HTTP/2 response) to produce the same bytes.  Any other block, and any
+    change to the table (a new field, an eviction, a size change), goes
+    through hpack as before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[list[Any], tuple[type, ...], bytes, Any] | None = None
+
+    def _state(self) -> tuple[int, int, Any]:
+        """The table's size limit, length and newest entry (entries enter at the front)."""
+        table = self.header_table
+        entries = table.dynamic_entries
+        return table.maxsize, len(entries), (entries[0] if entries else None)
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        last = self._last
+        if (
+            last is not None
+            and huffman
+            and type(headers) is list
+            and headers == last[0]
+            and tuple(map(type, headers)) == last[1]
+            and not self.header_table.resized
+        ):
+            state, then = self._state(), last[3]
+            if state[:2] == then[:2] and state[2] is then[2]:
+                return last[2]
+        # A block that carries a table size update is not one to repeat.
+        resized = self.header_table.resized
+        before = self._state()
+        block = super().encode(headers, huffman)
+        after = self._state()
+        if (
+            huffman
+            and not resized
+            and type(headers) is list
+            and after[:2] == before[:2]
+            and after[2] is before[2]
+        ):
+            self._last = (list(headers), tuple(map(type, headers)), block, after)
+        else:
+            self._last = None
+        return block

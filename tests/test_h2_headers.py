@@ -11,12 +11,17 @@ from h2.config import H2Configuration
 from h2.exceptions import ProtocolError
 from h2.stream import H2Stream
 from h2.utilities import HeaderValidationFlags, normalize_outbound_headers, validate_headers
-from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from echotwist.h2_headers import CheckedStream, normalized_outbound, plainly_valid
+from echotwist.h2_headers import (
+    CheckedStream,
+    RepeatingEncoder,
+    normalized_outbound,
+    plainly_valid,
+)
 
 REQUEST = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
@@ -236,3 +241,62 @@ class NormalizedOutboundTests(TestCase):
         theirs = list(normalize_outbound_headers(list(headers), None, split))
         self.assertEqual(ours, theirs)
         self.assertEqual([type(h) for h in ours], [type(h) for h in theirs])
+
+
+blocks = st.lists(
+    st.builds(
+        lambda kind, name, value: kind(name, value),
+        st.sampled_from([lambda n, v: (n, v), HeaderTuple, NeverIndexedHeaderTuple]),
+        st.sampled_from([b":status", b"server", b"date", b"content-length", b"x-a"]),
+        st.sampled_from([b"200", b"echotwist", b"Fri, 27 Nov 2026", b"64", b"v" * 40]),
+    ),
+    max_size=6,
+)
+# A run of blocks, with repeats, and now and then a new table size.
+encodings = st.lists(
+    st.one_of(
+        st.tuples(st.just("block"), blocks),
+        st.tuples(st.just("again"), st.none()),
+        st.tuples(st.just("size"), st.sampled_from([0, 64, 256, 4096])),
+    ),
+    max_size=30,
+)
+
+
+class RepeatingEncoderTests(TestCase):
+    USUAL_RESPONSE = [
+        (b":status", b"200"),
+        (b"server", b"echotwist"),
+        (b"content-length", b"64"),
+    ]
+
+    def test_a_repeated_block_is_not_encoded_again(self) -> None:
+        encoder = RepeatingEncoder()
+        first = encoder.encode(list(self.USUAL_RESPONSE))  # fields enter the table
+        second = encoder.encode(list(self.USUAL_RESPONSE))  # all indexes now
+        self.assertNotEqual(first, second)
+        searched: list[Any] = []
+        search = encoder.header_table.search
+        encoder.header_table.search = lambda *a: searched.append(a) or search(*a)  # type: ignore[method-assign]
+        self.assertEqual(encoder.encode(list(self.USUAL_RESPONSE)), second)
+        self.assertEqual(searched, [])
+
+    def test_a_never_indexed_field_is_not_taken_for_a_plain_one(self) -> None:
+        secret = [(b":status", b"200"), NeverIndexedHeaderTuple(b"x-a", b"v")]
+        plain = [(b":status", b"200"), (b"x-a", b"v")]
+        ours, theirs = RepeatingEncoder(), Encoder()
+        for block in (secret, secret, plain, plain):
+            self.assertEqual(ours.encode(list(block)), theirs.encode(list(block)))
+
+    @settings(max_examples=400, deadline=None)
+    @given(steps=encodings)
+    def test_the_same_bytes_as_hpacks_encoder(self, steps: list[Any]) -> None:
+        ours, theirs = RepeatingEncoder(), Encoder()
+        last: list[Any] = []
+        for what, arg in steps:
+            if what == "size":
+                ours.header_table_size = theirs.header_table_size = arg
+                continue
+            block = last if what == "again" else arg
+            last = block
+            self.assertEqual(ours.encode(list(block)), theirs.encode(list(block)))
