@@ -42,7 +42,12 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
 from echotwist.addresses import CachedAddresses
-from echotwist.h2_headers import CheckedStream, RepeatingEncoder, normalized_outbound
+from echotwist.h2_headers import (
+    CheckedStream,
+    RepeatingDecoder,
+    RepeatingEncoder,
+    normalized_outbound,
+)
 from echotwist.limits import limits_of
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
@@ -237,6 +242,9 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         config.normalize_outbound_headers = False
         self.conn = _ServerMachine(config=config)
         self.conn.encoder = RepeatingEncoder()
+        decoder = RepeatingDecoder()
+        decoder.max_header_list_size = self.conn.decoder.max_header_list_size
+        self.conn.decoder = decoder
         self.priority = _LazyPriorityTree()
         self._header_call: IDelayedCall | None = None
         self._seen_request = False

@@ -40,7 +40,8 @@ from h2.utilities import (
     normalize_outbound_headers,
     validate_headers,
 )
-from hpack import Encoder
+from hpack import Decoder, Encoder
+from hpack.hpack import DEFAULT_MAX_HEADER_LIST_SIZE
 
 #: A character h2 refuses in a name: controls and space, uppercase, DEL and above.
 _BAD_NAME_CHARACTER = re.compile(rb"[^\x21-\x40\x5b-\x7e]")
@@ -208,3 +209,47 @@ class RepeatingEncoder(Encoder):
         else:
             self._last = None
         return block
+
+
+class RepeatingDecoder(Decoder):
+    """
+    hpack's decoder, giving a header block that repeats the last one the
+    headers it gave then, when the table and the limits are as that decoding
+    left them and that decoding changed nothing.
+
+    The mirror of L{RepeatingEncoder}: a client sends the same request block
+    again and again (same method, path, token, type, length), all indexes once
+    its fields are in the table, and hpack decodes every one of them again.
+    Any other block, a failed one, and any change (a new field, an eviction, a
+    size update, a new limit) goes through hpack as before.
+    """
+
+    def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
+        super().__init__(max_header_list_size)
+        self._last: tuple[bytes, bool, list[Any], tuple[Any, ...]] | None = None
+
+    def _state(self) -> tuple[Any, ...]:
+        """The limits, the table's length and its newest entry (entries enter at the front)."""
+        table = self.header_table
+        entries = table.dynamic_entries
+        return (
+            table.maxsize,
+            self.max_allowed_table_size,
+            self.max_header_list_size,
+            len(entries),
+            entries[0] if entries else None,
+        )
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        last = self._last
+        if last is not None and raw is last[1] and data == last[0]:
+            state, then = self._state(), last[3]
+            if state[:4] == then[:4] and state[4] is then[4]:
+                return list(last[2])
+        before = self._state()
+        self._last = None
+        headers = super().decode(data, raw)
+        after = self._state()
+        if after[:4] == before[:4] and after[4] is before[4]:
+            self._last = (bytes(data), raw, list(headers), after)
+        return headers

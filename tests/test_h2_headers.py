@@ -11,13 +11,15 @@ from h2.config import H2Configuration
 from h2.exceptions import ProtocolError
 from h2.stream import H2Stream
 from h2.utilities import HeaderValidationFlags, normalize_outbound_headers, validate_headers
-from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
+from hpack.exceptions import OversizedHeaderListError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from echotwist.h2_headers import (
     CheckedStream,
+    RepeatingDecoder,
     RepeatingEncoder,
     normalized_outbound,
     plainly_valid,
@@ -300,3 +302,79 @@ class RepeatingEncoderTests(TestCase):
             block = last if what == "again" else arg
             last = block
             self.assertEqual(ours.encode(list(block)), theirs.encode(list(block)))
+
+
+# A run of steps on the decoding side: blocks a client's encoder makes (with
+# repeats), raw bytes, and changes to the decoder's limits.
+decodings = st.lists(
+    st.one_of(
+        st.tuples(st.just("block"), blocks),
+        st.tuples(st.just("again"), st.none()),
+        st.tuples(st.just("bytes"), st.binary(max_size=12)),
+        st.tuples(st.just("client size"), st.sampled_from([0, 64, 4096])),
+        st.tuples(st.just("table size"), st.sampled_from([0, 64, 4096])),
+        st.tuples(st.just("allowed size"), st.sampled_from([0, 64, 4096])),
+        st.tuples(st.just("list size"), st.sampled_from([10, 100, 65536])),
+    ),
+    max_size=30,
+)
+
+
+def decoded(decoder: Decoder, data: bytes) -> Any:
+    """What a decoder makes of a block, its error, and its table after."""
+    try:
+        result: Any = decoder.decode(data, raw=True)
+    except Exception as e:
+        result = type(e).__name__
+    table = decoder.header_table
+    return result, list(table.dynamic_entries), table.maxsize
+
+
+class RepeatingDecoderTests(TestCase):
+    def test_a_repeated_block_is_not_decoded_again(self) -> None:
+        client, decoder = Encoder(), RepeatingDecoder()
+        request = [(b":method", b"POST"), (b":path", b"/echo"), (b"token", b"e" * 40)]
+        decoder.decode(client.encode(list(request)), raw=True)
+        block = client.encode(list(request))
+        self.assertEqual(decoder.decode(block, raw=True), request)
+        decode_indexed = decoder._decode_indexed
+        calls: list[Any] = []
+        decoder._decode_indexed = lambda *a: calls.append(a) or decode_indexed(*a)  # type: ignore[method-assign]
+        self.assertEqual(decoder.decode(block, raw=True), request)
+        self.assertEqual(calls, [])
+
+    def test_a_lower_limit_is_met_by_a_repeated_block(self) -> None:
+        client, decoder = Encoder(), RepeatingDecoder()
+        request = [(b":method", b"POST"), (b"token", b"e" * 40)]
+        decoder.decode(client.encode(list(request)), raw=True)
+        block = client.encode(list(request))
+        decoder.decode(block, raw=True)
+        decoder.decode(block, raw=True)
+        decoder.max_header_list_size = 10
+        with self.assertRaises(OversizedHeaderListError):
+            decoder.decode(block, raw=True)
+
+    @settings(max_examples=400, deadline=None)
+    @given(steps=decodings)
+    def test_the_same_headers_and_table_as_hpacks_decoder(self, steps: list[Any]) -> None:
+        client = Encoder()
+        ours, theirs = RepeatingDecoder(), Decoder()
+        data = b""
+        for what, arg in steps:
+            if what == "client size":
+                client.header_table_size = arg
+                continue
+            if what == "table size":
+                ours.header_table_size = theirs.header_table_size = arg
+                continue
+            if what == "allowed size":
+                ours.max_allowed_table_size = theirs.max_allowed_table_size = arg
+                continue
+            if what == "list size":
+                ours.max_header_list_size = theirs.max_header_list_size = arg
+                continue
+            if what == "block":
+                data = client.encode(list(arg))
+            elif what == "bytes":
+                data = arg
+            self.assertEqual(decoded(ours, data), decoded(theirs, data))
