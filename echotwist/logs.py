@@ -92,10 +92,12 @@ class TextLogObserver:
         self._second = -1
         self._stamp = ""
         self._systems: dict[tuple[Any, Any], str] = {}
-        # The line prefix of the last access event: its second, namespace, level.
+        # The line prefix of the last access event: its second, namespace,
+        # level and the observer's own prefix then.
         self._access_second = -1
         self._access_namespace: Any = None
         self._access_level: Any = None
+        self._access_own_prefix = prefix
         self._access_prefix = ""
         self._watching_shutdown = False
 
@@ -143,6 +145,7 @@ class TextLogObserver:
             self._access_second = self._second
             self._access_namespace = event.get("log_namespace")
             self._access_level = event.get("log_level")
+            self._access_own_prefix = self.prefix
             self._access_prefix = prefix
         return (prefix + text).replace("\n", "\n\t") + "\n"
 
@@ -156,6 +159,7 @@ class TextLogObserver:
             and int(when) == self._access_second
             and event.get("log_namespace") == self._access_namespace
             and event.get("log_level") is self._access_level
+            and self.prefix is self._access_own_prefix
             and "log_system" not in event
             and "log_failure" not in event
         ):

@@ -141,6 +141,15 @@ class AccessLineTests(TestCase):
         expected = "".join(formatEventAsClassicLogText(dict(e)) or "" for e in events)
         self.assertEqual(out.getvalue(), expected)
 
+    def test_a_new_prefix_is_used_at_once(self) -> None:
+        out = io.StringIO()
+        observer = TextLogObserver(out)
+        line = event(log_format=ACCESS_FORMAT, line="a 200")
+        observer(dict(line))
+        observer.prefix = "[worker 3] "
+        observer(dict(line))
+        self.assertTrue(out.getvalue().endswith("[echotwist.test#info] [worker 3] a 200\n"))
+
 
 class WriteTests(TestCase):
     """Lines of one reactor turn go out together; nothing waits otherwise."""
