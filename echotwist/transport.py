@@ -538,6 +538,34 @@ class TLSServerEndpoint:
         return self._tcp.listen(tls_factory(self._context_factory, protocolFactory, self._clock))
 
 
+@implementer(interfaces.IStreamClientEndpoint)
+class TLSClientEndpoint:
+    """
+    TLS over a TCP client endpoint, with L{BulkTLSProtocol}: what
+    C{wrapClientTLS} does with Twisted's own TLS protocol.  The load client
+    uses it: it must drive a server as fast as the server answers, and it
+    makes one small write per request, which waits here for the end of the
+    reactor turn and leaves with that turn's other writes.
+    """
+
+    def __init__(
+        self,
+        connection_creator: Any,
+        tcp: interfaces.IStreamClientEndpoint,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        """@param clock: the reactor C{tcp} connects with (the global one if L{None})."""
+        self._creator = connection_creator
+        self._tcp = tcp
+        self._clock = clock
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        factory = BulkTLSFactory(self._creator, True, protocolFactory)
+        factory.clock = self._clock
+        connecting: Deferred[Any] = self._tcp.connect(factory)
+        return connecting.addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
 def listen_tls(
     reactor: Any, port: int, context_factory: Any, backlog: int = 50, interface: str = ""
 ) -> TLSServerEndpoint:

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 
@@ -43,6 +43,7 @@ from echotwist.client.processes import run_children, write_latencies
 from echotwist.client.send import compare, request_headers
 from echotwist.client.stats import Summary, Tally, summarize
 from echotwist.options import seconds, whole_number
+from echotwist.transport import TLSClientEndpoint
 
 DEFAULT_CLIENTS = 500
 DEFAULT_SIZE = 64
@@ -190,9 +191,10 @@ class LoadRun:
             connection = await self._request(connection, seq)
 
     async def _connect(self) -> EchoConnection:
-        endpoint = wrapClientTLS(
+        endpoint = TLSClientEndpoint(
             self._creator,
             HostnameEndpoint(self._reactor, self._hostname, self._port, timeout=self._timeout),
+            self._reactor,
         )
         connection = await endpoint.connect(self._factory)
         assert isinstance(connection, EchoConnection)
