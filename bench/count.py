@@ -97,31 +97,28 @@ def venvs_of(args) -> list[tuple[str, str]]:
     return pairs
 
 
-class Counted:
-    """One echotwist under callgrind, instrumentation switched by callgrind_control."""
+class Counted(harness.Echotwist):
+    """
+    One echotwist under callgrind, instrumentation switched by callgrind_control:
+    bench/run's own echotwist command line (harness.Echotwist), from the venv given.
+    """
 
     def __init__(self, env: Env, name: str, venv: str, outdir: str) -> None:
-        self.env, self.name, self.venv, self.outdir = env, name, venv, outdir
+        super().__init__(env)
+        self.name, self._venv, self.outdir = name, venv, outdir
         self.port = free_port()
         self.out = os.path.join(outdir, f"callgrind.{name}.out")
-        self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: float = 180.0) -> None:
+    def venv(self) -> str:
+        return self._venv
+
+    def start(self, tag: str = "", raise_nofile: bool = False, wait: float = 180.0) -> None:
         cmd = [
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
             f"--callgrind-out-file={self.out}",
-            os.path.join(self.venv, "bin", "twistd"),
-            "-n",
-            "--pidfile=",
-            "echo",
-            "--port",
-            str(self.port),
-            "--interface",
-            HOST,
-            "--cert-dir",
-            self.env.certdir,
+            *self.command(),
         ]
         logpath = os.path.join(self.outdir, f"{self.name}.log")
         env = self.env.server_env()
