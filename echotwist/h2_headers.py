@@ -154,6 +154,21 @@ def normalized_outbound(
     return out
 
 
+def _table_state(table: Any, *limits: int) -> tuple[Any, ...]:
+    """
+    What encoding or decoding a block depends on besides the block: the
+    C{limits} given, the table's size limit and length, and its newest entry
+    (entries only enter at the front, so a new one changes it).
+    """
+    entries = table.dynamic_entries
+    return (*limits, table.maxsize, len(entries), entries[0] if entries else None)
+
+
+def _same_state(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """The same L{_table_state}: equal numbers and the very same newest entry."""
+    return a[:-1] == b[:-1] and a[-1] is b[-1]
+
+
 class RepeatingEncoder(Encoder):
     """
     hpack's encoder, giving a header block that repeats the last one the bytes
@@ -174,11 +189,8 @@ class RepeatingEncoder(Encoder):
         super().__init__()
         self._last: tuple[list[Any], tuple[type, ...], bytes, Any] | None = None
 
-    def _state(self) -> tuple[int, int, Any]:
-        """The table's size limit, length and newest entry (entries enter at the front)."""
-        table = self.header_table
-        entries = table.dynamic_entries
-        return table.maxsize, len(entries), (entries[0] if entries else None)
+    def _state(self) -> tuple[Any, ...]:
+        return _table_state(self.header_table)
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         last = self._last
@@ -190,21 +202,14 @@ class RepeatingEncoder(Encoder):
             and tuple(map(type, headers)) == last[1]
             and not self.header_table.resized
         ):
-            state, then = self._state(), last[3]
-            if state[:2] == then[:2] and state[2] is then[2]:
+            if _same_state(self._state(), last[3]):
                 return last[2]
         # A block that carries a table size update is not one to repeat.
         resized = self.header_table.resized
         before = self._state()
         block = super().encode(headers, huffman)
         after = self._state()
-        if (
-            huffman
-            and not resized
-            and type(headers) is list
-            and after[:2] == before[:2]
-            and after[2] is before[2]
-        ):
+        if huffman and not resized and type(headers) is list and _same_state(after, before):
             self._last = (list(headers), tuple(map(type, headers)), block, after)
         else:
             self._last = None
@@ -229,27 +234,19 @@ class RepeatingDecoder(Decoder):
         self._last: tuple[bytes, bool, list[Any], tuple[Any, ...]] | None = None
 
     def _state(self) -> tuple[Any, ...]:
-        """The limits, the table's length and its newest entry (entries enter at the front)."""
-        table = self.header_table
-        entries = table.dynamic_entries
-        return (
-            table.maxsize,
-            self.max_allowed_table_size,
-            self.max_header_list_size,
-            len(entries),
-            entries[0] if entries else None,
+        return _table_state(
+            self.header_table, self.max_allowed_table_size, self.max_header_list_size
         )
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
         last = self._last
         if last is not None and raw is last[1] and data == last[0]:
-            state, then = self._state(), last[3]
-            if state[:4] == then[:4] and state[4] is then[4]:
+            if _same_state(self._state(), last[3]):
                 return list(last[2])
         before = self._state()
         self._last = None
         headers = super().decode(data, raw)
         after = self._state()
-        if after[:4] == before[:4] and after[4] is before[4]:
+        if _same_state(after, before):
             self._last = (bytes(data), raw, list(headers), after)
         return headers
