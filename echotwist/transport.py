@@ -214,8 +214,9 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         transport.SEND_LIMIT = SEND_LIMIT
         super().makeConnection(transport)
         # The OpenSSL pointers, read once: attribute reads on an SSL.Connection
-        # take the slow path (it has a __getattr__).  Nothing is read or
-        # written before this (a server's writes wait for its handshake).
+        # take the slow path (it has a __getattr__).  Nothing goes through
+        # our read and write paths before this: application data waits for
+        # the handshake, which Twisted's own paths carry.
         tls = self._tlsConnection
         self._ssl = tls._ssl
         self._into_ssl = tls._into_ssl
@@ -505,13 +506,17 @@ class BulkTLSFactory(TLSMemoryBIOFactory):
 
 
 def tls_factory(
-    context_factory: Any, wrapped: IProtocolFactory, clock: IReactorTime | None = None
+    context_factory: Any,
+    wrapped: IProtocolFactory,
+    clock: IReactorTime | None = None,
+    client: bool = False,
 ) -> BulkTLSFactory:
     """
-    Server-side TLS around C{wrapped}, with the context C{context_factory}
-    gives; C{clock} is the reactor whose turns small writes wait for.
+    TLS around C{wrapped}, with the context C{context_factory} gives (a
+    connection creator for a C{client}); C{clock} is the reactor whose turns
+    small writes wait for.
     """
-    factory = BulkTLSFactory(context_factory, False, wrapped)
+    factory = BulkTLSFactory(context_factory, client, wrapped)
     factory.clock = clock
     return factory
 
@@ -560,8 +565,7 @@ class TLSClientEndpoint:
         self._clock = clock
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
-        factory = BulkTLSFactory(self._creator, True, protocolFactory)
-        factory.clock = self._clock
+        factory = tls_factory(self._creator, protocolFactory, self._clock, client=True)
         connecting: Deferred[Any] = self._tcp.connect(factory)
         return connecting.addCallback(lambda protocol: protocol.wrappedProtocol)
 
