@@ -22,6 +22,7 @@ Standard library only; loopback only; every process stopped by pid when it ends.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -43,6 +44,9 @@ SCENARIOS = {
     "keepalive-64B-c50": ["--h1", "-c", "50"],
     "h2-64B-c50": ["-c", "50", "-m", "10"],
 }
+#: The load client's scenarios: echotwist-client load's --clients, 64-byte payloads, against
+#: an echotwist outside valgrind; the client is what is counted.
+CLIENT_SCENARIOS = {"client-64B": 10, "client-64B-c50": 50}
 DEFAULT_SCENARIOS = ["keepalive-64B", "h2-64B"]
 
 
@@ -66,7 +70,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--scenarios",
         default=",".join(DEFAULT_SCENARIOS),
-        help=f"comma list of {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT_SCENARIOS)})",
+        help=f"comma list of {', '.join([*SCENARIOS, *CLIENT_SCENARIOS])} (default: "
+        f"{', '.join(DEFAULT_SCENARIOS)}); client-* count echotwist-client load instead of "
+        "the server",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="count echotwist --workers N (every process under callgrind, counts summed)",
     )
     p.add_argument("--repeat", type=int, default=1, help="counts per venv and scenario (1)")
     p.add_argument(
@@ -103,11 +115,14 @@ class Counted(harness.Echotwist):
     bench/run's own echotwist command line (harness.Echotwist), from the venv given.
     """
 
-    def __init__(self, env: Env, name: str, venv: str, outdir: str) -> None:
+    def __init__(self, env: Env, name: str, venv: str, outdir: str, workers: int = 0) -> None:
         super().__init__(env)
         self.name, self._venv, self.outdir = name, venv, outdir
         self.port = free_port()
-        self.out = os.path.join(outdir, f"callgrind.{name}.out")
+        # %p: with --workers every process (parent and workers) writes dumps of its own
+        self.out = os.path.join(outdir, f"callgrind.{name}.%p.out")
+        if workers:
+            self.extra = ["--workers", str(workers)]
 
     def venv(self) -> str:
         return self._venv
@@ -117,6 +132,7 @@ class Counted(harness.Echotwist):
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
+            "--trace-children=yes",
             f"--callgrind-out-file={self.out}",
             *self.command(),
         ]
@@ -137,13 +153,15 @@ class Counted(harness.Echotwist):
         raise RuntimeError(f"{self.name} did not accept TLS within {wait:.0f}s; see {logpath}")
 
     def control(self, *args: str) -> None:
+        """Tell every process of the server (with --workers: the parent and each worker)."""
         assert self.proc is not None
-        subprocess.run(
-            ["callgrind_control", *args, str(self.proc.pid)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        for pid in harness.session_pids(self.proc.pid):
+            subprocess.run(
+                ["callgrind_control", *args, str(pid)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
 
     def load(self, scenario: str, requests: int) -> None:
         cmd = [
@@ -179,25 +197,89 @@ class Counted(harness.Echotwist):
         self.control("--dump")
         self.control("--instr=off")
         dumps = self._dumps()
-        if len(dumps) != 1:
-            raise RuntimeError(f"{self.name}: expected one callgrind dump, found {dumps}")
-        with open(dumps[0]) as f:
-            total = next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+        processes = len(harness.session_pids(self.proc.pid)) if self.proc else 0
+        if len(dumps) != processes:
+            raise RuntimeError(f"{self.name}: expected {processes} callgrind dumps, found {dumps}")
+        total = sum(callgrind_total(dump) for dump in dumps)
         if keep:
             os.makedirs(keep, exist_ok=True)
-            shutil.copy(dumps[0], os.path.join(keep, f"callgrind.{self.name}.{scenario}.out"))
+            for dump in dumps:
+                pid = os.path.basename(dump).split(".")[2]
+                shutil.copy(dump, os.path.join(keep, f"callgrind.{self.name}.{scenario}.{pid}.out"))
         return total / requests
 
     def _dumps(self) -> list[str]:
-        prefix = os.path.basename(self.out) + "."
-        return [
-            os.path.join(self.outdir, n) for n in os.listdir(self.outdir) if n.startswith(prefix)
-        ]
+        """The dumps --dump wrote: callgrind.NAME.PID.out.N, one per process."""
+        dumped = re.compile(re.escape(f"callgrind.{self.name}.") + r"\d+\.out\.\d+$")
+        return [os.path.join(self.outdir, n) for n in os.listdir(self.outdir) if dumped.match(n)]
 
     def stop(self) -> None:
         if self.proc is not None:
             self.env.procs.stop(self.proc, grace=30.0)
             self.proc = None
+
+
+def callgrind_total(path: str) -> int:
+    """The instructions a callgrind dump counted (its C{totals:} line)."""
+    with open(path) as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("totals:"))
+
+
+class CountedClient:
+    """
+    One venv's C{echotwist-client load} under callgrind, against a server outside valgrind.
+
+    The client is a short-lived command, so there is no instrumentation to switch: it runs
+    twice, with C{warmup} and with C{warmup + requests} requests, and the difference of the
+    two totals is what the C{requests} more cost (start-up, warm-up and closing cancel out).
+    """
+
+    def __init__(self, env: Env, name: str, venv: str, outdir: str, server_port: int) -> None:
+        self.env, self.name, self.outdir, self.port = env, name, outdir, server_port
+        self.exe = os.path.join(venv, "bin", "echotwist-client")
+        if not os.access(self.exe, os.X_OK):
+            raise SystemExit(f"{name}: no echotwist-client in {venv!r}")
+
+    def run(self, scenario: str, requests: int) -> int:
+        out = os.path.join(self.outdir, f"callgrind.client.{self.name}.out")
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            self.exe,
+            "load",
+            "--host",
+            f"https://{HOST}:{self.port}",
+            "--cacert",
+            self.env.ca,
+            "--clients",
+            str(CLIENT_SCENARIOS[scenario]),
+            "--requests",
+            str(requests),
+            "--size",
+            "64",
+            "--timeout",
+            "120",
+            "--json",
+        ]
+        env = dict(os.environ, ECHOTWIST_TOKEN=self.env.token, PYTHONHASHSEED="0")
+        done = subprocess.run(
+            self.env.bounded(cmd, 900), capture_output=True, text=True, timeout=960, env=env
+        )
+        lines = done.stdout.strip().splitlines()
+        summary = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+        if done.returncode != 0 or summary.get("verified") != requests:
+            raise RuntimeError(
+                f"{self.name}: echotwist-client load did not verify {requests} requests "
+                f"(rc {done.returncode}):\n{done.stdout[-500:]}{done.stderr[-500:]}"
+            )
+        total = callgrind_total(out)
+        os.remove(out)
+        return total
+
+    def count(self, scenario: str, requests: int, warmup: int) -> float:
+        """Instructions per request of the client, C{requests} beyond C{warmup}."""
+        return (self.run(scenario, warmup + requests) - self.run(scenario, warmup)) / requests
 
 
 def main(argv=None) -> int:
@@ -206,9 +288,13 @@ def main(argv=None) -> int:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found (bench/run installs it)")
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in scenarios if s not in SCENARIOS and s not in CLIENT_SCENARIOS]
     if unknown:
-        raise SystemExit(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+        raise SystemExit(
+            f"unknown scenarios {unknown}; choose from {', '.join([*SCENARIOS, *CLIENT_SCENARIOS])}"
+        )
+    server_scenarios = [s for s in scenarios if s in SCENARIOS]
+    client_scenarios = [s for s in scenarios if s in CLIENT_SCENARIOS]
     pairs = venvs_of(args)
     env = Env(harness.parse_args(["--no-pin"]))
     os.environ["ECHOTWIST_VENV"] = pairs[0][1]
@@ -218,17 +304,33 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="echotwist-count-") as outdir:
         try:
             for name, venv in pairs:
-                server = Counted(env, name, venv, outdir)
+                if not server_scenarios:
+                    break
+                server = Counted(env, name, venv, outdir, args.workers)
                 log(f"{name}: starting under callgrind ({venv})")
                 server.start()
                 try:
-                    for sc in scenarios:
+                    for sc in server_scenarios:
                         for _ in range(args.repeat):
                             ir = server.count(sc, args.requests, args.warmup, args.keep)
                             results.setdefault((name, sc), []).append(ir)
                             log(f"{name} {sc}: {ir:,.0f} instructions per request")
                 finally:
                     server.stop()
+            if client_scenarios:
+                # One server (the first venv's, outside valgrind) answers every client.
+                peer = harness.Echotwist(env)
+                peer.start(tag="count-clients")
+                try:
+                    for name, venv in pairs:
+                        client = CountedClient(env, name, venv, outdir, peer.port)
+                        for sc in client_scenarios:
+                            for _ in range(args.repeat):
+                                ir = client.count(sc, args.requests, args.warmup)
+                                results.setdefault((name, sc), []).append(ir)
+                                log(f"{name} {sc}: {ir:,.0f} instructions per request (client)")
+                finally:
+                    peer.stop()
         finally:
             env.procs.stop_all()
     print(
