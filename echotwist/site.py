@@ -78,6 +78,11 @@ class EchoSite(server.Site):
         self.limits = limits or Limits()
         self.tracker = ConnectionTracker()
         self.worker = worker
+        # What response_headers returns while not draining, made once: it is
+        # asked for every response.
+        self._own_headers: tuple[tuple[bytes, bytes], ...] = (
+            () if worker is None else ((b"x-echotwist-worker", b"%d" % worker),)
+        )
         self.refused_connections = 0
         self._refusing = False
 
@@ -115,14 +120,9 @@ class EchoSite(server.Site):
 
     def response_headers(self) -> Sequence[tuple[bytes, bytes]]:
         """Headers every response of this site carries, besides the defaults."""
-        if self.worker is None and not self.tracker.draining:
-            return ()  # the usual case, asked for every response: nothing to build
-        headers = []
-        if self.worker is not None:
-            headers.append((b"x-echotwist-worker", b"%d" % self.worker))
-        if self.tracker.draining:
-            headers.append((b"connection", b"close"))
-        return headers
+        if not self.tracker.draining:
+            return self._own_headers  # asked for every response: nothing to build
+        return (*self._own_headers, (b"connection", b"close"))
 
     def log(self, request: Any) -> None:
         """

@@ -90,12 +90,14 @@ def make_site(
     clock=None,
     limits: Limits | None = None,
     limiter: FailureLimiter | None = None,
+    worker: int | None = None,
 ) -> EchoSite:
     return EchoSite(
         EchoResource(tokens.TokenChecker(token), max_body=max_body, limiter=limiter),
         timeout=timeout,
         reactor=clock,
         limits=limits,
+        worker=worker,
     )
 
 

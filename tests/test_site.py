@@ -10,7 +10,7 @@ from typing import Any
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.support import InMemoryHTTP, raw_request
+from tests.support import InMemoryHTTP, parse_response, raw_request
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
@@ -63,3 +63,35 @@ class AccessLogTests(TestCase):
     def test_refused_request_is_logged_with_its_status(self) -> None:
         self.exchange(raw_request(b"x", "wrong" * 8))
         self.assertEqual([e["status"] for e in self.events], [401])
+
+
+class ResponseHeadersTests(TestCase):
+    """What the site adds to every response: the worker's pid, and a close while draining."""
+
+    def answer(self, server: InMemoryHTTP) -> Any:
+        self.addCleanup(server.close)
+        return parse_response(server.feed(raw_request(b"hello", TOKEN)))
+
+    def test_one_process_adds_nothing(self) -> None:
+        response = self.answer(InMemoryHTTP(TOKEN))
+        self.assertIsNone(response.header(b"x-echotwist-worker"))
+        self.assertIsNone(response.header(b"connection"))
+
+    def test_a_worker_names_itself_in_every_response(self) -> None:
+        server = InMemoryHTTP(TOKEN, worker=4321)
+        first = self.answer(server)
+        second = parse_response(server.feed(raw_request(b"again", TOKEN)))
+        for response in (first, second):
+            self.assertEqual(response.headers[b"x-echotwist-worker"], [b"4321"])
+            self.assertIsNone(response.header(b"connection"))
+
+    def test_a_draining_worker_names_itself_and_closes(self) -> None:
+        server = InMemoryHTTP(TOKEN, worker=4321)
+        self.addCleanup(server.close)
+        request = raw_request(b"hello", TOKEN)
+        server.feed(request[:-5])  # busy, so the drain does not close it at once
+        server.site.tracker.drain(30.0, server.clock)
+        response = parse_response(server.feed(request[-5:]))
+        self.assertEqual(response.headers[b"x-echotwist-worker"], [b"4321"])
+        self.assertEqual(response.headers[b"connection"], [b"close"])
+        self.assertEqual(response.body, b"hello")
