@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -228,10 +229,12 @@ class DroppingEcho(Resource):
     def __init__(self, drop_first: bool = False) -> None:
         super().__init__()
         self.drop_first = drop_first
-        self.served: dict[int, int] = {}
+        # Keyed by the channel itself, not id(): a closed channel's id can be
+        # reused by the next one, which would then lose its first request.
+        self.served: WeakKeyDictionary[Any, int] = WeakKeyDictionary()
 
     def render_POST(self, request: server.Request) -> Any:
-        channel = id(request.channel)
+        channel = request.channel
         seen = self.served.get(channel, 0)
         self.served[channel] = seen + 1
         if seen or self.drop_first:
