@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http import HTTPChannel, datetimeToString
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -79,6 +79,11 @@ _REASONS = {
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 1024 * 1024
 
+
+#: Response header names as twisted.web's L{Headers} stores them (its private
+#: C{_rawHeaders}, keyed by Twisted's own canonical names; pinned by tests).
+_SERVER = _nameEncoder.encode(b"server")
+_DATE = _nameEncoder.encode(b"date")
 
 #: The HTTP-date of the current second, as C{(second, value)}.
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -657,8 +662,15 @@ class EchoRequest(server.Request):
         self._linger = None
 
     def _write_head_defaults(self) -> None:
-        self.setHeader(b"server", SERVER_NAME)
-        self.setHeader(b"date", http_date())
+        """
+        The headers every answer carries.  Stored as L{Headers} would store
+        them, without C{setHeader}'s name lookup and value sanitising: every
+        name and value here is the server's own (constants, a date, a pid),
+        and this runs for every request.
+        """
+        raw = self.responseHeaders._rawHeaders
+        raw[_SERVER] = [SERVER_NAME]
+        raw[_DATE] = [http_date()]
         site = self._channel.site
         for name, value in getattr(site, "response_headers", list)():
             if name == b"connection":
@@ -666,7 +678,7 @@ class EchoRequest(server.Request):
                 if not self._http1:
                     continue  # HTTP/2 forbids the header; the drain sends GOAWAY.
                 self.channel.persistent = False
-            self.setHeader(name, value)
+            raw[_nameEncoder.encode(name)] = [value]
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The whole body is in (an HTTP/2 stream answered early is already done)."""

@@ -5,7 +5,10 @@ channel over a StringTransport.  Fast, no sockets; one behaviour per test.
 
 from __future__ import annotations
 
+import time
+
 from twisted.trial.unittest import TestCase
+from twisted.web.http import stringToDatetime
 
 from echotwist.resource import MEMORY_BODY_MAX, EchoResource
 from echotwist.tokens import TokenChecker
@@ -62,6 +65,15 @@ class EchoTests(TestCase):
     def test_server_header_has_no_version(self) -> None:
         response = parse_response(self.exchange(raw_request(b"x", TOKEN)))
         self.assertEqual(response.header(b"server"), b"echotwist")
+
+    def test_one_server_and_one_date_header_on_answers_and_refusals(self) -> None:
+        # Stored straight into twisted.web's Headers (its private _rawHeaders):
+        # a change in how Twisted keys them would lose or double them here.
+        for request in (raw_request(b"x", TOKEN), raw_request(b"x", "wrong-token")):
+            response = parse_response(self.exchange(request))
+            self.assertEqual(response.headers[b"server"], [b"echotwist"])
+            (date,) = response.headers[b"date"]
+            self.assertLess(abs(stringToDatetime(date) - time.time()), 5)
 
     def test_keep_alive_serves_pipelined_requests_in_order(self) -> None:
         raw = self.exchange(raw_request(b"first", TOKEN) + raw_request(b"second", TOKEN))
