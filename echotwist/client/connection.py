@@ -18,9 +18,8 @@ guess.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -52,9 +51,14 @@ def request_head(path: bytes, headers: Headers) -> bytes:
     return b"\r\n".join(lines) + b"\r\nContent-Length: "
 
 
-@dataclass(frozen=True)
-class Response:
-    """A complete response: status, headers (names lower-case), body."""
+class Response(NamedTuple):
+    """
+    A complete response: status, headers (names lower-case), body.
+
+    A named tuple, not a frozen dataclass: one is made per request of a load
+    run, and a frozen dataclass's C{__init__} sets each field through
+    C{object.__setattr__}.
+    """
 
     status: int
     reason: bytes
