@@ -169,11 +169,17 @@ class TextLogObserver:
             line = self._access_prefix + text.replace("\n", "\n\t") + "\n" if text else None
         else:
             line = self.format(event)
-        if line is None:
-            return
+        if line is not None:
+            self.write_lines(line)
+
+    def write_lines(self, text: str) -> None:
+        """
+        Write whole lines formatted elsewhere (a worker's own lines, see
+        L{echotwist.workers}), in turn with this observer's own.
+        """
         with self._lock:
-            self._pending.append(line)
-            self._pending_size += len(line)
+            self._pending.append(text)
+            self._pending_size += len(text)
             if self._pending_size <= MAX_PENDING and self._batching():
                 if self._flush_call is None:
                     self._flush_call = self._reactor.callLater(0, self._end_of_turn)

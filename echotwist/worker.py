@@ -6,8 +6,9 @@ options as C{twistd echo} (so the site is built by the same code) plus the
 inherited socket's fd and the parent's pid, serves the socket until SIGTERM,
 drains like a single process, and exits.  Log events go to stdout: with
 C{--log-to text} as twistd's text lines marked C{[worker PID]} (stdout is then
-the parent's own, so the parent never touches them), with C{--log-to json} as
-JSON events, one per line, for the parent to relay.  The worker leaves the terminal's process
+the parent's own, and the parent never touches them, or a pipe whose lines the
+parent copies into its log file as they are), with C{--log-to json} as JSON
+events, one per line, for the parent to re-emit.  The worker leaves the terminal's process
 group so that a Ctrl-C reaches only the parent, which forwards it; and it stops
 by itself if the parent disappears.
 """

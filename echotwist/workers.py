@@ -18,9 +18,15 @@ The parent only supervises; it stays off the per-request path:
     costs a worker what it costs a single process, and the parent nothing.
     Each line is one C{write} (atomic on a pipe, appended on a file), so lines
     of different processes never mix;
-  - otherwise (C{--logfile}, syslog, C{--logger}) children log structured
-    events (JSON, one per line) on a pipe, and the parent re-emits them into
-    its own log, marked with the worker's pid, so one log holds everything;
+  - when twistd logs to a file (C{--logfile}, the daemon shape), children
+    write the same text lines to a pipe, and the parent copies whole lines, as
+    they are, into its own log file (L{TextLogObserver.write_lines}): one log
+    holds everything, rotated by the parent (C{SIGUSR1}, size), and a line
+    costs the parent a share of one read and one write per reactor turn, not
+    a JSON decode and a re-format per line;
+  - otherwise (syslog, C{--logger}: observers that want events, not text)
+    children log structured events (JSON, one per line) on a pipe, and the
+    parent re-emits them into its own log, marked with the worker's pid;
   - a child's stderr (a crash, a warning) is always relayed, marked the same;
   - a child that dies while the service runs is logged and replaced;
   - on stop the parent closes its copy of the socket, forwards SIGTERM to every
@@ -48,7 +54,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotwist import tokens
-from echotwist.logs import STDOUT, TwistdLogObserver, twistd_log_target
+from echotwist.logs import STDOUT, TextLogObserver, TwistdLogObserver, twistd_log_target
 from echotwist.transport import TLSServerEndpoint
 
 #: The fd number the listening socket has in every child.
@@ -62,8 +68,9 @@ MAX_RESTART_DELAY = 5.0
 STABLE_AFTER = 2.0
 #: The longest stdout line a child may write (a log event) before it is cut.
 MAX_LINE = 64 * 1024
-#: How a child logs (its C{--log-to}): text lines on an inherited stdout, or
-#: JSON events on a pipe for the parent to relay.
+#: How a child logs (its C{--log-to}): twistd's text lines on its stdout (the
+#: parent's stdout, or a pipe whose lines the parent copies into its log file),
+#: or JSON events on a pipe for the parent to re-emit.
 LOG_TEXT = "text"
 LOG_RELAY = "json"
 
@@ -115,10 +122,16 @@ _PARENT_ONLY = frozenset({"port", "cert", "key", "cert-dir", "token-file", "work
 
 
 class WorkerProcess(ProcessProtocol):
-    """One child: relays its log events and tells the pool when it ends."""
+    """
+    One child: relays its log and tells the pool when it ends.
 
-    def __init__(self, pool: WorkerPool) -> None:
+    @ivar lines_to: where the child's stdout text lines go as they are (the
+        parent's log file), or L{None}: its stdout is JSON events (or not ours).
+    """
+
+    def __init__(self, pool: WorkerPool, lines_to: TextLogObserver | None = None) -> None:
         self.pool = pool
+        self.lines_to = lines_to
         self.pid: int | None = None
         self.ended: Deferred[None] = Deferred()
         self._buffers: dict[int, bytes] = {1: b"", 2: b""}
@@ -130,6 +143,9 @@ class WorkerProcess(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD not in self._buffers:
             return
+        if childFD == 1 and self.lines_to is not None:
+            self._copy_lines(self.lines_to, data)
+            return
         lines = (self._buffers[childFD] + data).split(b"\n")
         self._buffers[childFD] = lines.pop()
         if len(self._buffers[childFD]) > MAX_LINE:
@@ -137,6 +153,20 @@ class WorkerProcess(ProcessProtocol):
             self._buffers[childFD] = b""
         for line in lines:
             self._relay(childFD, line)
+
+    def _copy_lines(self, to: TextLogObserver, data: bytes, ended: bool = False) -> None:
+        """
+        Hand every whole line of the child's text log to C{to}, unparsed; keep
+        a partial last line until its end arrives (or the child ends).
+        """
+        buffered = self._buffers[1] + data
+        end = len(buffered) if ended else buffered.rfind(b"\n") + 1
+        if not end and len(buffered) > MAX_LINE:
+            end = len(buffered)  # no end in sight: cut it rather than hold it
+        self._buffers[1] = buffered[end:]
+        if end:
+            text = buffered[:end].decode("utf-8", "replace")
+            to.write_lines(text if text.endswith("\n") else text + "\n")
 
     def _relay(self, childFD: int, line: bytes) -> None:
         if not line.strip():
@@ -158,6 +188,8 @@ class WorkerProcess(ProcessProtocol):
         )
 
     def processEnded(self, reason: Failure) -> None:
+        if self.lines_to is not None:
+            self._copy_lines(self.lines_to, b"", ended=True)
         for fd, rest in self._buffers.items():
             if rest:
                 self._relay(fd, rest)
@@ -184,7 +216,7 @@ class WorkerPool(TwistdLogObserver, service.Service):
         self._restarts: dict[int, Any] = {}
         self._delay = MIN_RESTART_DELAY
         self._next_slot = 0
-        self.log_to = LOG_TEXT if twistd_logs_to_stdout(options) else LOG_RELAY
+        self._shared_stdout = twistd_logs_to_stdout(options)
 
     # -- start ----------------------------------------------------------------
 
@@ -211,7 +243,19 @@ class WorkerPool(TwistdLogObserver, service.Service):
         for _ in range(self.count):
             self._spawn()
 
-    def _argv(self) -> list[str]:
+    def _log_route(self) -> tuple[str, int | str, TextLogObserver | None]:
+        """
+        How children log: their C{--log-to}, what their stdout is (our fd 1,
+        or a pipe), and where the pipe's text lines go.  Asked at each spawn:
+        C{log_observer} is set after construction (L{makeService}).
+        """
+        if self._shared_stdout:
+            return LOG_TEXT, 1, None
+        if isinstance(self.log_observer, TextLogObserver):
+            return LOG_TEXT, "r", self.log_observer
+        return LOG_RELAY, "r", None
+
+    def _argv(self, log_to: str) -> list[str]:
         o = self._options
         argv = [
             sys.executable,
@@ -228,7 +272,7 @@ class WorkerPool(TwistdLogObserver, service.Service):
             "--key",
             os.path.abspath(o["key"]),
             "--log-to",
-            self.log_to,
+            log_to,
         ]
         # Every other option of twistd echo (limits, deadlines, grace...) goes
         # to each worker as the parent resolved it, so none can be forgotten.
@@ -241,16 +285,14 @@ class WorkerPool(TwistdLogObserver, service.Service):
 
     def _spawn(self) -> None:
         assert self._socket is not None
-        worker = WorkerProcess(self)
+        log_to, stdout, lines_to = self._log_route()
+        worker = WorkerProcess(self, lines_to)
         env = {**os.environ, tokens.ENV_VAR: self._options["token"]}
         env.pop("PYTHONSTARTUP", None)
-        # Text mode: the child writes to our stdout itself (fd 1 shared, not
-        # a pipe to us).  Relay mode: JSON events on a pipe.
-        stdout: int | str = 1 if self.log_to == LOG_TEXT else "r"
         self._reactor.spawnProcess(
             worker,
             sys.executable,
-            self._argv(),
+            self._argv(log_to),
             env=env,
             childFDs={0: "w", 1: stdout, 2: "r", CHILD_FD: self._socket.fileno()},
         )

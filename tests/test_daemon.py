@@ -116,6 +116,35 @@ class DaemonModeTests(TestCase):
         self.assertFalse(daemon.pidfile.exists())
         self.assertEqual([p for p in workers if pid_alive(p)], [])
 
+    def test_daemon_workers_log_into_the_parents_logfile_which_rotates(self) -> None:
+        """
+        Workers hand their text lines to the parent on a pipe; the parent
+        writes them into its log file as they are, so SIGUSR1 rotates them too.
+        """
+        daemon = start_daemon(self, "--workers", "2")
+        wait_until(lambda: daemon.log().count("] ready: accepting") >= 2, 20, "two workers")
+        workers = [int(p) for p in re.findall(r"worker (\d+) started", daemon.log())]
+        for pid in workers:
+            self.assertTrue(os.readlink(f"/proc/{pid}/fd/1").startswith("pipe:"))
+
+        def echo_and_see_its_access_line(body: bytes) -> None:
+            answer = curl(self, daemon.url, daemon.token, daemon.cafile, body)
+            served = answer.headers["x-echotwist-worker"]
+            line = re.compile(
+                rf"^\S+ \[echotwist\.access#info\] \[worker {served}\] 127\.0\.0\.1:\d+ "
+                rf"POST /echo 200 in={len(body)} ",
+                re.M,
+            )
+            wait_until(lambda: line.search(daemon.log()), 10, f"worker {served}'s access line")
+
+        echo_and_see_its_access_line(b"before")
+        os.kill(daemon.pid, signal.SIGUSR1)
+        rotated = daemon.logfile.with_name(daemon.logfile.name + ".1")
+        wait_until(rotated.exists, 10, "the rotated log file")
+        echo_and_see_its_access_line(b"after rotation")
+        self.assertEqual(rotated.read_text().count("POST /echo 200"), 1)
+        self.assertEqual(daemon.log().count("POST /echo 200"), 1)
+
 
 class AccessLogTests(TestCase):
     """One line per request through twisted.logger, on stdout under C{-n}."""

@@ -15,14 +15,17 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
+from twisted.internet.error import ProcessDone
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import readBody
 
 from echotwist import tokens
+from echotwist.logs import TextLogObserver
 from echotwist.worker import text_observer
-from echotwist.workers import twistd_logs_to_stdout
+from echotwist.workers import MAX_LINE, WorkerProcess, twistd_logs_to_stdout
 from tests.support import (
     CLIENT,
     curl,
@@ -76,6 +79,67 @@ class LogDestinationTests(TestCase):
             line,
             r"^\S+ \[echotwist\.access#info\] \[worker 4242\] 127\.0\.0\.1:1 POST /echo 200\n$",
         )
+
+
+class _Pool:
+    """What a L{WorkerProcess} tells its pool: only that it ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[WorkerProcess] = []
+
+    def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
+        self.ended.append(worker)
+
+
+class LineCopyTests(TestCase):
+    """
+    With C{--logfile}, a worker's text lines reach the parent on a pipe and go
+    into the parent's log file as they are: whole lines only, never parsed.
+    """
+
+    def setUp(self) -> None:
+        self.out = io.StringIO()
+        self.observer = TextLogObserver(self.out)
+        self.worker = WorkerProcess(_Pool(), lines_to=self.observer)  # type: ignore[arg-type]
+
+    def written(self) -> str:
+        self.observer.flush()
+        return self.out.getvalue()
+
+    def test_whole_lines_go_through_as_they_are(self) -> None:
+        lines = b"T [echotwist.access#info] [worker 7] 127.0.0.1:1 POST /echo 200\nsecond\n"
+        self.worker.childDataReceived(1, lines)
+        self.assertEqual(self.written(), lines.decode())
+
+    def test_a_partial_line_waits_for_its_end(self) -> None:
+        self.worker.childDataReceived(1, b"one\ntw")
+        self.assertEqual(self.written(), "one\n")
+        self.worker.childDataReceived(1, b"o\nthr")
+        self.worker.childDataReceived(1, b"ee\n")
+        self.assertEqual(self.written(), "one\ntwo\nthree\n")
+
+    def test_what_is_left_when_the_worker_ends_is_written_as_a_line(self) -> None:
+        self.worker.childDataReceived(1, b"done\nunfinish")
+        self.worker.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.written(), "done\nunfinish\n")
+
+    def test_a_line_without_end_is_cut_at_the_limit(self) -> None:
+        self.worker.childDataReceived(1, b"x" * (MAX_LINE + 1))
+        self.assertEqual(self.written(), "x" * (MAX_LINE + 1) + "\n")
+        self.worker.childDataReceived(1, b"next\n")
+        self.assertEqual(self.written(), "x" * (MAX_LINE + 1) + "\nnext\n")
+
+    def test_bytes_that_are_not_utf8_do_not_stop_the_log(self) -> None:
+        self.worker.childDataReceived(1, b"bad \xff byte\n")
+        self.assertEqual(self.written(), "bad \ufffd byte\n")
+
+    def test_stderr_is_still_relayed_as_a_warning(self) -> None:
+        events: list[dict[str, Any]] = []
+        self.worker.pid = 7
+        self.worker.pool.log = Logger(observer=events.append)  # type: ignore[attr-defined]
+        self.worker.childDataReceived(2, b"Traceback: boom\n")
+        self.assertEqual(self.written(), "")
+        self.assertEqual([e["line"] for e in events], ["Traceback: boom"])
 
 
 async def serving_workers(case: TestCase, url: str, token: str, want: set[int]) -> set[int]:
