@@ -80,6 +80,11 @@ def parse_args(argv=None):
         default=0,
         help="count echotwist --workers N (every process under callgrind, counts summed)",
     )
+    p.add_argument(
+        "--logfile",
+        action="store_true",
+        help="the server logs to a file (twistd --logfile) instead of stdout",
+    )
     p.add_argument("--repeat", type=int, default=1, help="counts per venv and scenario (1)")
     p.add_argument(
         "--keep",
@@ -115,7 +120,9 @@ class Counted(harness.Echotwist):
     bench/run's own echotwist command line (harness.Echotwist), from the venv given.
     """
 
-    def __init__(self, env: Env, name: str, venv: str, outdir: str, workers: int = 0) -> None:
+    def __init__(
+        self, env: Env, name: str, venv: str, outdir: str, workers: int = 0, logfile: bool = False
+    ) -> None:
         super().__init__(env)
         self.name, self._venv, self.outdir = name, venv, outdir
         self.port = free_port()
@@ -123,6 +130,14 @@ class Counted(harness.Echotwist):
         self.out = os.path.join(outdir, f"callgrind.{name}.%p.out")
         if workers:
             self.extra = ["--workers", str(workers)]
+        self.logfile_path = os.path.join(outdir, f"{name}.access.log") if logfile else None
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        if self.logfile_path:
+            # twistd's own option: before the plugin's name
+            cmd.insert(cmd.index("echo"), f"--logfile={self.logfile_path}")
+        return cmd
 
     def venv(self) -> str:
         return self._venv
@@ -306,7 +321,7 @@ def main(argv=None) -> int:
             for name, venv in pairs:
                 if not server_scenarios:
                     break
-                server = Counted(env, name, venv, outdir, args.workers)
+                server = Counted(env, name, venv, outdir, args.workers, args.logfile)
                 log(f"{name}: starting under callgrind ({venv})")
                 server.start()
                 try:
