@@ -414,6 +414,18 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         # it again on its next send and closes the connection as usual.
         t.write(bytes(data))
 
+    def write_now(self, data: bytes) -> None:
+        """
+        Encrypt and send C{data} at once, with whatever waits before it: for
+        a client whose request is the whole of what it has to say (the load
+        client).  Waiting for the end of the turn would hold every client's
+        request until all the answers read in that turn are handled, and the
+        server would get them in one burst, then have nothing to do while
+        the next burst is prepared.
+        """
+        self.write(data)
+        self.send_waiting()
+
     def send_waiting(self) -> None:
         """Send the small pieces waiting for the end of the turn, now."""
         waiting = self._waiting

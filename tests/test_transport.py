@@ -281,6 +281,21 @@ class WriteBatchingTests(TestCase):
         self.assertEqual((len(pair.wire.sends), pair.wire.queued), (1, []))
         self.assertEqual(pair.to_client(), b"response and more")
 
+    def test_write_now_sends_at_once_after_what_waits(self) -> None:
+        """
+        A load client's request goes out as it is made, not at the end of
+        the turn (where it would wait for every answer of the turn to be
+        handled, and count that wait as the server's latency).
+        """
+        pair = _Pair()
+        pair.handshake()
+        pair.server.write(b"waiting ")
+        pair.server.write_now(b"request")
+        self.assertEqual((len(pair.wire.sends), pair.wire.queued), (1, []))
+        self.assertEqual(pair.server._waiting, [])
+        self.assertEqual(pair.to_client(), b"waiting request")
+        self.assertEqual(len(pair.wire.sends), 1)  # the end of the turn had nothing left
+
     def test_one_timer_per_turn_for_every_connection(self) -> None:
         """Connections of one factory share the end of the turn: one timer in all."""
         first = _Pair()

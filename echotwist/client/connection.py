@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from echotwist.client.outcome import BadResponseError
+from echotwist.transport import BulkTLSProtocol
 
 #: Longest status line plus headers accepted, in bytes.
 MAX_HEAD = 64 * 1024
@@ -244,7 +245,11 @@ class EchoConnection(Protocol):
         no_delay = getattr(transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
-        if isinstance(transport, TLSMemoryBIOProtocol):
+        if isinstance(transport, BulkTLSProtocol):
+            # A request is one buffer, and all this connection has to say:
+            # send it now, not at the end of the turn (see write_now).
+            self._write = transport.write_now
+        elif isinstance(transport, TLSMemoryBIOProtocol):
             # Twisted's TLS transport holds small writes for a callLater(0)
             # and the next reactor iteration, to gather them into one record.
             # A request is already one buffer: encrypt and send it now, and
