@@ -84,6 +84,8 @@ LINGER_BYTES = 1024 * 1024
 #: C{_rawHeaders}, keyed by Twisted's own canonical names; pinned by tests).
 _SERVER = _nameEncoder.encode(b"server")
 _DATE = _nameEncoder.encode(b"date")
+_CONTENT_TYPE = _nameEncoder.encode(b"content-type")
+_CONTENT_LENGTH = _nameEncoder.encode(b"content-length")
 
 #: The HTTP-date of the current second, as C{(second, value)}.
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -241,10 +243,15 @@ class EchoResource(Resource):
             )
         if status is not None:
             return refuse(request, status)
-        content_type = request.requestHeaders.getRawHeaders(b"content-type")
-        request.setHeader(
-            b"content-type", content_type[0] if content_type else DEFAULT_CONTENT_TYPE
-        )
+        # The request's own Content-Type, as it came (every request: straight
+        # from and into the Headers' storage, see _write_head_defaults); a
+        # value with a line break in it (only Twisted's own parser could have
+        # let one through) is cleaned as setHeader would.
+        content_type = request.requestHeaders._rawHeaders.get(_CONTENT_TYPE)
+        echoed = content_type[0] if content_type else DEFAULT_CONTENT_TYPE
+        if b"\r" in echoed or b"\n" in echoed:
+            echoed = b" ".join(echoed.splitlines())
+        request.responseHeaders._rawHeaders[_CONTENT_TYPE] = [echoed]
         if in_memory:
             chunks = memory.chunks()
             if len(chunks) == 1:
@@ -472,7 +479,7 @@ class EchoRequest(server.Request):
         return ch.command or b"", ch.path or b"", b"HTTP/2"
 
     def _declared_length(self) -> int | None:
-        values = self.requestHeaders.getRawHeaders(b"content-length")
+        values = self.requestHeaders._rawHeaders.get(_CONTENT_LENGTH)
         if values and values[0].isdigit():
             return int(values[0])
         return None

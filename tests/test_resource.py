@@ -66,6 +66,17 @@ class EchoTests(TestCase):
         response = parse_response(self.exchange(raw_request(b"x", TOKEN)))
         self.assertEqual(response.header(b"server"), b"echotwist")
 
+    def test_content_type_is_echoed_and_a_line_break_in_it_is_refused(self) -> None:
+        request = raw_request(b"x", TOKEN).replace(
+            b"\r\n\r\n", b"\r\nContent-Type: text/x-echo; q=1\r\n\r\n", 1
+        )
+        response = parse_response(self.exchange(request))
+        self.assertEqual(response.headers[b"content-type"], [b"text/x-echo; q=1"])
+        smuggled = request.replace(b"; q=1\r\n", b"\rX-Injected: 1\r\n")
+        raw = self.exchange(smuggled)
+        self.assertEqual(parse_response(raw).status, 400)
+        self.assertNotIn(b"X-Injected", raw)
+
     def test_one_server_and_one_date_header_on_answers_and_refusals(self) -> None:
         # Stored straight into twisted.web's Headers (its private _rawHeaders):
         # a change in how Twisted keys them would lose or double them here.
