@@ -418,10 +418,10 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         """
         Encrypt and send C{data} at once, with whatever waits before it: for
         a client whose request is the whole of what it has to say (the load
-        client).  Waiting for the end of the turn would hold every client's
-        request until all the answers read in that turn are handled, and the
-        server would get them in one burst, then have nothing to do while
-        the next burst is prepared.
+        client).  At the end of the turn the request would wait until every
+        answer read in that turn had been handled, and the client would count
+        that wait as the server's latency; the cost is the same either way
+        (one record and one C{send} per request).
         """
         self.write(data)
         self.send_waiting()
