@@ -16,6 +16,10 @@ those) and the server is ~50x slower under valgrind, so more requests wait per r
 than in a timed run: per-turn work is shared by more requests.  The count compares versions
 of echotwist with each other; the timed run in `bench/run` compares servers.
 
+`--workers N` counts every process of `twistd echo --workers N` (the counts summed), `--logfile`
+a server logging to a file, and the `client-*` scenarios the load client (`echotwist-client
+load`) instead of the server, from the difference of two runs of it.
+
 Standard library only; loopback only; every process stopped by pid when it ends.
 """
 
