@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http import HTTPChannel, datetimeToString
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers, _nameEncoder, _sanitizeLinearWhitespace
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -246,11 +246,11 @@ class EchoResource(Resource):
         # The request's own Content-Type, as it came (every request: straight
         # from and into the Headers' storage, see _write_head_defaults); a
         # value with a line break in it (only Twisted's own parser could have
-        # let one through) is cleaned as setHeader would.
+        # let one through) is cleaned by setHeader's own helper.
         content_type = request.requestHeaders._rawHeaders.get(_CONTENT_TYPE)
         echoed = content_type[0] if content_type else DEFAULT_CONTENT_TYPE
         if b"\r" in echoed or b"\n" in echoed:
-            echoed = b" ".join(echoed.splitlines())
+            echoed = _sanitizeLinearWhitespace(echoed)
         request.responseHeaders._rawHeaders[_CONTENT_TYPE] = [echoed]
         if in_memory:
             chunks = memory.chunks()
