@@ -144,7 +144,7 @@ class WorkerProcess(ProcessProtocol):
         if childFD not in self._buffers:
             return
         if childFD == 1 and self.lines_to is not None:
-            self._copy_lines(self.lines_to, data)
+            self._copy_lines(data)
             return
         lines = (self._buffers[childFD] + data).split(b"\n")
         self._buffers[childFD] = lines.pop()
@@ -154,11 +154,14 @@ class WorkerProcess(ProcessProtocol):
         for line in lines:
             self._relay(childFD, line)
 
-    def _copy_lines(self, to: TextLogObserver, data: bytes, ended: bool = False) -> None:
+    def _copy_lines(self, data: bytes, ended: bool = False) -> None:
         """
-        Hand every whole line of the child's text log to C{to}, unparsed; keep
-        a partial last line until its end arrives (or the child ends).
+        Hand every whole line of the child's text log to L{lines_to},
+        unparsed; keep a partial last line until its end arrives (or the
+        child ends).
         """
+        to = self.lines_to
+        assert to is not None
         buffered = self._buffers[1] + data
         end = len(buffered) if ended else buffered.rfind(b"\n") + 1
         if not end and len(buffered) > MAX_LINE:
@@ -189,7 +192,7 @@ class WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         if self.lines_to is not None:
-            self._copy_lines(self.lines_to, b"", ended=True)
+            self._copy_lines(b"", ended=True)
         for fd, rest in self._buffers.items():
             if rest:
                 self._relay(fd, rest)
