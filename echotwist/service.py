@@ -6,9 +6,10 @@ the environment, and handed down: the token, the TLS context factory, the
 limits.  Nothing downstream reads configuration on its own.
 
 Start-up order matters under twistd: C{makeService} runs while the terminal is
-still attached (the token line printed here reaches the user even in daemon
-mode), then twistd daemonizes and calls C{privilegedStartService}, which binds
-the port.  No socket is opened before that.
+still attached, then twistd daemonizes and calls C{privilegedStartService},
+which binds the port.  No socket is opened before that.  The token and the CA
+are printed once the bind has succeeded, and a failed bind is one line, both
+on the terminal C{makeService} saw (L{echotwist.startup}).
 
 On SIGTERM or SIGINT twistd calls C{stopService} and waits on the Deferred it
 returns: the service stops listening at once, lets the requests in flight
@@ -20,19 +21,21 @@ processes that share one listening socket.
 
 from __future__ import annotations
 
+import ipaddress
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import interfaces
+from twisted.internet import error, interfaces
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
 from echotwist import certs, limits, logs, tls, tokens, transport
+from echotwist import startup
+from echotwist.startup import Terminal
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -56,6 +59,17 @@ def _workers(value: str) -> int:
     if number < 1:
         raise usage.UsageError("--workers must be at least 1")
     return number
+
+
+def _interface(value: str) -> str:
+    """C{--interface}: an IP address, checked here rather than by a failing bind."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"--interface must be an IP address such as 127.0.0.1 or ::, not {value!r}"
+        ) from None
+    return value
 
 
 def _rate(value: str) -> float:
@@ -91,6 +105,7 @@ class Options(usage.Options):
             "i",
             "::",
             "Address to listen on (:: = every IPv4 and IPv6 address).",
+            _interface,
         ],
         ["cert", None, None, "PEM certificate (chain) to serve, with --key."],
         ["key", None, None, "PEM private key for --cert."],
@@ -229,6 +244,8 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         cafile: Path | None,
         grace: float = DEFAULT_GRACE,
         reactor: Any = None,
+        terminal: Terminal | None = None,
+        token: str = "",
     ) -> None:
         super().__init__(endpoint, site)
         self._raiseSynchronously = True
@@ -236,12 +253,23 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         self._site = site
         self._grace = grace
         self._port: interfaces.IListeningPort | None = None
+        self._terminal = terminal
+        self._token = token
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except error.CannotListenError as e:
+            if self._terminal is None:
+                raise
+            raise self._terminal.failed(
+                startup.listen_failure(e.interface or "::", e.port, e)
+            ) from None
+        if self._terminal is not None:
+            self._terminal.started(self._token, self._cafile)
         assert self._waitingForPort is not None
         self._waitingForPort.addCallback(self._announce)
 
@@ -297,20 +325,18 @@ def build_site(options: Options, worker: int | None = None) -> EchoSite:
 
 
 def makeService(options: Options) -> service.IService:
-    """Build the service; print the token while the terminal is still attached."""
+    """
+    Build the service; keep the terminal, which says once the port is bound
+    whether the server started (the token) or not (why).
+    """
     from twisted.internet import reactor
 
-    token: str = options["token"]
-    print(f"Authentication token: {token}", flush=True)
-    if options["cafile"] is not None:
-        print(f"Trust this CA in clients: {options['cafile']}", flush=True)
-    sys.stdout.flush()
-
+    terminal = Terminal.capture(log_elsewhere=logs.twistd_log_target(options) != logs.STDOUT)
     server: Any
     if options["workers"] > 1:
         from echotwist.workers import WorkerPool
 
-        server = WorkerPool(options, reactor)
+        server = WorkerPool(options, reactor, terminal)
     else:
         endpoint = transport.listen_tls(
             reactor,
@@ -320,7 +346,13 @@ def makeService(options: Options) -> service.IService:
             interface=options["interface"],
         )
         server = EchoServerService(
-            endpoint, build_site(options), options["cafile"], options["grace"], reactor
+            endpoint,
+            build_site(options),
+            options["cafile"],
+            options["grace"],
+            reactor,
+            terminal,
+            options["token"],
         )
     # Both are logs.TwistdLogObserver services: twistd logs through this.
     server.log_observer = logs.observer_for_twistd(options)

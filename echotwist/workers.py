@@ -53,7 +53,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotwist import tokens
+from echotwist import startup, tokens
 from echotwist.logs import STDOUT, TextLogObserver, TwistdLogObserver, twistd_log_target
 from echotwist.transport import TLSServerEndpoint
 
@@ -209,8 +209,11 @@ class WorkerPool(TwistdLogObserver, service.Service):
 
     log = Logger()
 
-    def __init__(self, options: Any, reactor: Any) -> None:
+    def __init__(
+        self, options: Any, reactor: Any, terminal: startup.Terminal | None = None
+    ) -> None:
         self._options = options
+        self._terminal = terminal
         self._reactor = reactor
         self.count: int = options["workers"]
         self.grace: float = options["grace"]
@@ -227,9 +230,15 @@ class WorkerPool(TwistdLogObserver, service.Service):
         from echotwist.service import LISTEN_BACKLOG
 
         super().privilegedStartService()
-        self._socket = bind_listening_socket(
-            self._options["interface"], self._options["port"], LISTEN_BACKLOG
-        )
+        interface, port = self._options["interface"], self._options["port"]
+        try:
+            self._socket = bind_listening_socket(interface, port, LISTEN_BACKLOG)
+        except OSError as e:
+            if self._terminal is None:
+                raise
+            raise self._terminal.failed(startup.listen_failure(interface, port, e)) from None
+        if self._terminal is not None:
+            self._terminal.started(self._options["token"], self._options["cafile"])
         port = self._socket.getsockname()[1]
         self.log.info(
             "echotwist listening on https://localhost:{port}/echo with {count} workers",

@@ -28,8 +28,12 @@ class ServerCommandTests(TestCase):
     def test_prints_token_then_where_it_listens_and_which_ca(self) -> None:
         server = start_twistd(self)
         self.assertRegex(server.token, r"\A[0-9a-f]{40}\Z")
+        # Printed once the port is bound (twistd's own start-up lines come
+        # first), before the service says where it listens.
         lines = server.text.splitlines()
-        self.assertEqual(lines[0], f"Authentication token: {server.token}")
+        token_at = lines.index(f"Authentication token: {server.token}")
+        listening_at = next(i for i, line in enumerate(lines) if "listening on" in line)
+        self.assertLess(token_at, listening_at)
         self.assertIn(f"Trust this CA in clients: {server.cafile}", server.text)
         self.assertIn(f"listening on https://localhost:{server.port}/echo", server.text)
 
@@ -37,8 +41,8 @@ class ServerCommandTests(TestCase):
         self.assertNotEqual(start_twistd(self).token, start_twistd(self).token)
 
     def test_environment_token_is_shared(self) -> None:
-        server = start_twistd(self, env={"ECHOTWIST_TOKEN": "shared-secret"})
-        self.assertEqual(server.token, "shared-secret")
+        server = start_twistd(self, env={"ECHOTWIST_TOKEN": "shared-secret-0123"})
+        self.assertEqual(server.token, "shared-secret-0123")
 
     def test_token_file_is_written_0600(self) -> None:
         path = Path(self.mktemp()).absolute()
