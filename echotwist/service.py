@@ -222,6 +222,10 @@ class Options(usage.Options):
             self["cert"], self["key"] = paths.server_cert, paths.server_key
             self["cafile"] = paths.ca_cert.resolve()
         try:
+            tls.check_pem_pair(self["cert"], self["key"])
+        except tls.PEMPairError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
             self["context-factory"] = tls.server_context_factory(self["cert"], self["key"])
         except Exception as e:  # pyOpenSSL raises its own Error with a tuple
             raise usage.UsageError(

@@ -18,6 +18,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -87,6 +89,44 @@ class HardenedContextFactory(ssl.DefaultOpenSSLContextFactory):
         # so nothing else changes.
         ctx.clear_mode(SSL_MODE_ENABLE_PARTIAL_WRITE)
         self._context = ctx
+
+
+class PEMPairError(ValueError):
+    """A C{--cert}/C{--key} pair that cannot be served; the message is one line for the user."""
+
+
+def _read(flag: str, path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PEMPairError(f"cannot read {flag} {path}: no such file") from None
+    except OSError as e:
+        raise PEMPairError(f"cannot read {flag} {path}: {(e.strerror or str(e)).lower()}") from None
+
+
+def check_pem_pair(cert: str | Path, key: str | Path) -> None:
+    """
+    Raise L{PEMPairError} unless C{cert} holds PEM certificates and C{key} the
+    PEM private key of the first (the leaf).
+
+    OpenSSL would find the same faults when the context is built, but report
+    them as tuples of library error codes; this names the file and the fault.
+    """
+    cert_pem, key_pem = _read("--cert", cert), _read("--key", key)
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise PEMPairError(f"--cert {cert} is not a PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise PEMPairError(f"--key {key} is encrypted; give an unencrypted PEM key") from None
+    except ValueError:
+        raise PEMPairError(f"--key {key} is not a PEM private key") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if private.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
+        raise PEMPairError(f"--key {key} does not match --cert {cert}")
 
 
 def server_context_factory(cert: str | Path, key: str | Path) -> HardenedContextFactory:

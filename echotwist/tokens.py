@@ -19,6 +19,10 @@ from pathlib import Path
 from twisted.web.http_headers import Headers
 
 TOKEN_BYTES = 20
+#: The shortest token a server accepts from C{ECHOTWIST_TOKEN}.  Failed-token
+#: limiting is off by default, so a short token could be guessed; 16
+#: characters of hex are 64 bits, and the generated token has 40.
+MIN_TOKEN_LENGTH = 16
 ENV_VAR = "ECHOTWIST_TOKEN"
 _BEARER = b"bearer "
 
@@ -57,8 +61,20 @@ def token_from_environment(environ: Mapping[str, str] | None = None) -> str | No
 
 
 def server_token(environ: Mapping[str, str] | None = None) -> str:
-    """The token a starting server uses: the shared one from the environment, else new."""
-    return token_from_environment(environ) or generate_token()
+    """
+    The token a starting server uses: the shared one from the environment, else
+    new.  A shared one shorter than L{MIN_TOKEN_LENGTH} is refused: a server
+    must not start with a credential that can be guessed.
+    """
+    shared = token_from_environment(environ)
+    if shared is None:
+        return generate_token()
+    if len(shared) < MIN_TOKEN_LENGTH:
+        raise TokenError(
+            f"{ENV_VAR} is {len(shared)} characters; a server token needs at least "
+            f"{MIN_TOKEN_LENGTH} (e.g. openssl rand -hex 20)"
+        )
+    return shared
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:

@@ -82,7 +82,7 @@ class ServerCommandTests(TestCase):
             (["--port", "0", "--cert", "/nonexistent"], b"--cert and --key go together"),
             (
                 ["--port", "0", "--cert", "/nonexistent", "--key", "/nonexistent"],
-                b"cannot load --cert",
+                b"cannot read --cert /nonexistent: no such file",
             ),
             (["--port", "0", "--timeout", "0"], b"more than 0"),
             (["--port", "0", "--token-file", "/nonexistent/dir/token"], b"cannot write"),

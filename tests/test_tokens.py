@@ -21,11 +21,12 @@ class TokenTests(TestCase):
             self.assertRegex(token, r"\A[0-9a-f]{40}\Z")
 
     def test_environment_overrides(self) -> None:
-        self.assertEqual(tokens.server_token({"ECHOTWIST_TOKEN": " shared \n"}), "shared")
+        shared = "shared-token-0123"
+        self.assertEqual(tokens.server_token({"ECHOTWIST_TOKEN": f" {shared} \n"}), shared)
         self.assertTrue(re.fullmatch(r"[0-9a-f]{40}", tokens.server_token({})))
 
     def test_unusable_environment_token_is_an_error(self) -> None:
-        for bad in ("", "   ", "two words", "caf\u00e9"):
+        for bad in ("", "   ", "two words", "caf\u00e9", "abc", "x" * 15):
             self.assertRaises(tokens.TokenError, tokens.server_token, {"ECHOTWIST_TOKEN": bad})
 
     def test_token_file_is_0600_and_replaced_atomically(self) -> None:
