@@ -33,13 +33,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echotwist import certs, limits, logs, tls, tokens, transport
-from echotwist import startup
-from echotwist.startup import Terminal
+from echotwist import certs, limits, logs, startup, tls, tokens, transport
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
 from echotwist.site import DEFAULT_TIMEOUT, EchoSite
+from echotwist.startup import Terminal
 
 #: Seconds in-flight requests get to finish once a stop is asked for.
 DEFAULT_GRACE = 10.0

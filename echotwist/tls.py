@@ -20,11 +20,17 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -146,24 +152,107 @@ def load_trust_root(cafile: str | Path) -> IOpenSSLTrustRoot:
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
 
 
+class CertificateRejectedError(Exception):
+    """The server's certificate failed the client's policy; the message is one line."""
+
+
+#: OpenSSL's verify errors that mean "signed by nobody this client trusts"
+#: (x509_vfy.h): unable to get issuer (2, 20), self-signed (18, 19),
+#: unable to verify the first certificate (21).
+_UNTRUSTED = frozenset({2, 18, 19, 20, 21})
+_EXPIRED, _NOT_YET_VALID = 10, 9
+#: How to fix an untrusted certificate, named in the error.
+TRUST_HINT = "pass --cacert FILE to trust its CA (echotwist's own: the server's certs/ca.pem)"
+
+
+def _chain_problem(hostname: str, err: int) -> str:
+    if err in _UNTRUSTED:
+        return f"certificate for {hostname} is not signed by a trusted CA: {TRUST_HINT}"
+    if err == _EXPIRED:
+        return f"certificate for {hostname} has expired"
+    if err == _NOT_YET_VALID:
+        return f"certificate for {hostname} is not valid yet"
+    return f"certificate for {hostname} failed verification (OpenSSL verify error {err})"
+
+
+def _name_problem(hostname: str, cert: crypto.X509) -> BaseException | None:
+    """
+    Why C{cert} does not name C{hostname}, or L{None} when it does.  Names are
+    matched against subjectAltName only, never the common name (RFC 9525).
+    """
+    leaf = cert.to_cryptography()
+    try:
+        if isIPAddress(hostname) or isIPv6Address(hostname):
+            verify_certificate_ip_address(leaf, hostname)
+        else:
+            verify_certificate_hostname(leaf, hostname)
+    except CertificateError:
+        return CertificateRejectedError(f"certificate for {hostname} has no subjectAltName")
+    except VerificationError as e:
+        return e
+    return None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifyingCreator:
+    """
+    Twisted's client TLS options (trust root, SNI, TLS 1.2 at least) with the
+    verification decided here, for every trust root alike.
+
+    Twisted's own verify callback lets a certificate without subjectAltName
+    through when its chain is trusted (service_identity's C{CertificateError}
+    is not a C{VerificationError}; it is logged as a traceback and the
+    handshake goes on), and reports an untrusted chain as OpenSSL's bare
+    "certificate verify failed".  This callback fails the connection with
+    one line that says what is wrong and, for trust, what to do.
+    """
+
+    def __init__(self, hostname: str, trust_root: IOpenSSLTrustRoot) -> None:
+        self._hostname = hostname
+        self._inner = ssl.optionsForClientTLS(
+            hostname,
+            trustRoot=trust_root,
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)  # type: ignore[arg-type]
+        protocol: object | None = tlsProtocol
+
+        def verify(conn: SSL.Connection, cert: crypto.X509, err: int, depth: int, ok: int) -> bool:
+            nonlocal protocol
+            if protocol is None:  # already failed: one reason is enough
+                return False
+            problem: BaseException | None = None
+            if not ok:
+                problem = CertificateRejectedError(_chain_problem(self._hostname, err))
+            elif depth == 0:
+                problem = _name_problem(self._hostname, cert)
+            if problem is None:
+                return True
+            try:
+                raise problem
+            except BaseException:
+                protocol.failVerification(Failure())  # type: ignore[attr-defined]
+            protocol = None
+            return False
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+
 @implementer(IPolicyForHTTPS)
 class VerifyingPolicy:
     """
-    Verify the server's chain and hostname, TLS 1.2 at least.
-
-    Like L{BrowserLikePolicyForHTTPS}, with an optional private trust root and a
-    raised minimum version.
+    Verify the server's chain and hostname, TLS 1.2 at least, against a private
+    trust root or the system's: one policy whatever the trust comes from.
     """
 
     def __init__(self, trust_root: IOpenSSLTrustRoot | None = None) -> None:
         self._trust_root = trust_root if trust_root is not None else ssl.platformTrust()
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        return ssl.optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self._trust_root,
-            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-        )
+        return _VerifyingCreator(hostname.decode("ascii"), self._trust_root)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -196,6 +285,4 @@ def client_policy(cafile: str | Path | None, insecure: bool) -> IPolicyForHTTPS:
     """The client's TLS policy for the given flags."""
     if insecure:
         return InsecurePolicy()
-    if cafile is None:
-        return BrowserLikePolicyForHTTPS()
-    return VerifyingPolicy(load_trust_root(cafile))
+    return VerifyingPolicy(None if cafile is None else load_trust_root(cafile))

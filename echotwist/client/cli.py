@@ -8,6 +8,7 @@ only L{run}, the console script, calls L{react}.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 from twisted.web.client import Agent
 
-from echotwist import tls, tokens
+from echotwist import __version__, tls, tokens
 from echotwist.client.outcome import ExitCode, classify
 from echotwist.client.send import compare, send_once
 from echotwist.options import seconds
@@ -28,6 +29,8 @@ from echotwist.options import seconds
 DEFAULT_HOST = "https://localhost:8000"
 DEFAULT_CAFILE = Path("certs") / "ca.pem"
 DEFAULT_TIMEOUT = 30.0
+#: The characters Agent allows in a request URI (twisted.web.client's own check).
+_VALID_URL = re.compile(r"[\x21-\x7e]+")
 
 
 class ConnectionOptions(usage.Options):
@@ -75,6 +78,12 @@ class ConnectionOptions(usage.Options):
             raise usage.UsageError(f"--host {host!r} is not a valid URL: {e}") from None
         if parts.scheme != "https" or not parts.hostname:
             raise usage.UsageError(f"--host must be an https:// URL, not {host!r}")
+        if not _VALID_URL.fullmatch(host):
+            # What Agent itself refuses later (a space, a non-ASCII name):
+            # refused here it is a usage error, not a failed exchange.
+            raise usage.UsageError(
+                f"--host {host!r} is not a valid URL: only printable ASCII, no spaces"
+            )
         if parts.query or parts.fragment:
             raise usage.UsageError("--host is a base URL: no query or fragment")
         self["token"] = self._resolve_token()
@@ -156,7 +165,9 @@ class SendOptions(ConnectionOptions):
         try:
             return Path(self["message-file"]).read_bytes()
         except OSError as e:
-            raise usage.UsageError(f"cannot read --message-file: {e.strerror or e}") from None
+            path = self["message-file"]
+            why = (e.strerror or str(e)).lower()
+            raise usage.UsageError(f"cannot read --message-file {path}: {why}") from None
 
 
 def _load_options() -> usage.Options:
@@ -178,6 +189,11 @@ class ClientOptions(usage.Options):
         ["send", None, SendOptions, "Send one message, print the echo, verify it."],
         ["load", None, _load_options, "Many clients at once, every echo verified; a summary."],
     ]
+
+    def opt_version(self) -> None:
+        """Print echotwist's version and exit."""
+        print(f"echotwist-client (echotwist) {__version__}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if self.subCommand is None:

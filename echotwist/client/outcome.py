@@ -18,6 +18,8 @@ from twisted.internet import defer, error
 from twisted.python.failure import Failure
 from twisted.web._newclient import _WrapperException
 
+from echotwist.tls import CertificateRejectedError
+
 
 class ExitCode(enum.IntEnum):
     """The client's exit codes (the SPEC's contract)."""
@@ -104,6 +106,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _tls_text(exc: BaseException) -> str:
+    if isinstance(exc, CertificateRejectedError):
+        return f"TLS {exc}"
     if isinstance(exc, VerificationError):
         names = []
         for err in exc.errors:
@@ -126,7 +130,7 @@ def classify(exc: BaseException, *, timeout: float | None = None) -> Problem:
     if isinstance(exc, BadResponseError):
         return Problem(Cause.BAD_RESPONSE, f"malformed response: {exc}")
     for inner in _causes(exc):
-        if isinstance(inner, (VerificationError, SSL.Error)):
+        if isinstance(inner, (CertificateRejectedError, VerificationError, SSL.Error)):
             return Problem(Cause.TLS, _tls_text(inner))
     for inner in _causes(exc):
         if isinstance(inner, (defer.TimeoutError, defer.CancelledError, error.TimeoutError)):
