@@ -238,3 +238,105 @@ class MisbehavingServerTests(TestCase):
         self.assertEqual(code, 1)
         self.assertEqual(out, b"hell")
         self.assertTrue(re.search(rb"differs.*sent 5 bytes, received 4", err), err)
+
+
+def self_signed_without_san(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for CN=localhost with no subjectAltName, and its key."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "nosan.pem", directory / "nosan.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class ClientCertificatePolicyTests(TestCase):
+    """One policy whatever the trust comes from: subjectAltName only, one line, exit 3."""
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+        self.cert, key = self_signed_without_san(self.dir)
+        self.server = start_twistd(self, "--cert", str(self.cert), "--key", str(key))
+
+    def send(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        # cwd has no certs/ca.pem: without --cacert the system's trust store is used.
+        return run_client(
+            "send",
+            f"--host={self.server.url}",
+            "-m",
+            "x",
+            *args,
+            cwd=self.dir,
+            env={"ECHOTWIST_TOKEN": self.server.token},
+        )
+
+    def test_trusted_certificate_without_subject_alt_name_exits_3(self) -> None:
+        result = self.send(f"--cacert={self.cert}")
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertEqual(
+            result.stderr,
+            b"echotwist-client: error: TLS certificate for localhost has no subjectAltName\n",
+        )
+        self.assertEqual(result.stdout, b"")
+
+    def test_untrusted_certificate_says_how_to_trust_it(self) -> None:
+        result = self.send()
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+        self.assertEqual(result.stderr.count(b"\n"), 1, result.stderr)
+        self.assertIn(b"certificate for localhost is not signed by a trusted CA", result.stderr)
+        self.assertIn(b"--cacert FILE", result.stderr)
+        self.assertIn(b"certs/ca.pem", result.stderr)
+
+
+class ClientMistakeTests(TestCase):
+    """The real C{echotwist-client} answering a user's mistakes in one line."""
+
+    def test_host_with_a_space_is_a_usage_error(self) -> None:
+        result = run_client("send", "--host=https://exa mple:8000", "-m", "x", "--token=t")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn(b"--host 'https://exa mple:8000' is not a valid URL", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_missing_message_file_names_the_path(self) -> None:
+        missing = Path(self.mktemp()).absolute()
+        result = run_client("send", f"--message-file={missing}", "--token=t", "--insecure")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn(
+            f"cannot read --message-file {missing}: no such file or directory".encode(),
+            result.stderr,
+        )
+        self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_version_is_echotwists(self) -> None:
+        from echotwist import __version__
+
+        result = run_client("--version")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, f"echotwist-client (echotwist) {__version__}\n".encode())
