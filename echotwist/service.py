@@ -186,6 +186,34 @@ class Options(usage.Options):
         ],
     ]
 
+    #: The usage error parsing met, if any (see L{getUsage}).
+    error: str | None = None
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, remembering a usage error so that L{getUsage} can lead with it."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            self.error = str(e)
+            raise
+
+    def getUsage(self, width: int | None = None) -> str:
+        """
+        The options' help; after a usage error, the error and a pointer to
+        C{--help} instead.
+
+        twistd prints this (its own synopsis line above it, the error again
+        below) when this plugin's options are wrong: the one useful line
+        should not be buried under the whole option list.
+        """
+        if self.error is None:
+            return super().getUsage(width)
+        return (
+            f"echo: {self.error}\n"
+            "Usage: twistd [twistd options] echo [options]\n"
+            "'twistd echo --help' lists the options.\n"
+        )
+
     def postOptions(self) -> None:
         """Resolve the flags into what the service needs, or fail with a usage error."""
         if self["port"] is None:

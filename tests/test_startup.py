@@ -167,3 +167,27 @@ class CertificateFileTests(TestCase):
         tls.check_pem_pair(paths.server_cert, paths.server_key)
         with self.assertRaises(tls.PEMPairError):
             tls.check_pem_pair(paths.ca_cert, paths.server_key)
+
+
+class UsageErrorTests(TestCase):
+    """A wrong option leads with its one line and points to --help."""
+
+    def test_error_first_and_last_and_no_option_list(self) -> None:
+        result, _ = run_twistd(self, "--port", "eighty")
+        lines = (result.stdout + result.stderr).decode().splitlines()
+        self.assertEqual(result.returncode, 1, lines)
+        error = "--port must be a whole number, not 'eighty'"
+        # twistd's own synopsis line comes first; the error right after it.
+        self.assertEqual(lines[1], f"echo: {error}")
+        self.assertIn("Usage: twistd [twistd options] echo [options]", lines)
+        self.assertIn("'twistd echo --help' lists the options.", lines)
+        self.assertTrue(lines[-1].endswith(f": {error}"), lines)
+        self.assertLess(len(lines), 8, lines)
+        self.assertNotIn("--auth-fail-limit", "\n".join(lines))
+
+    def test_help_still_lists_every_option(self) -> None:
+        result, _ = run_twistd(self, "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"Usage: twistd [options] echo --port PORT [options]", result.stdout)
+        for flag in (b"--port", b"--interface", b"--cert", b"--key", b"--workers", b"--grace"):
+            self.assertIn(flag, result.stdout)
