@@ -11,6 +11,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
@@ -19,6 +20,7 @@ from tests.support import (
     need_command,
     run_client,
     run_client_async,
+    self_signed_without_san,
     start_impostor,
     start_twistd,
 )
@@ -240,48 +242,13 @@ class MisbehavingServerTests(TestCase):
         self.assertTrue(re.search(rb"differs.*sent 5 bytes, received 4", err), err)
 
 
-def self_signed_without_san(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for CN=localhost with no subjectAltName, and its key."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "nosan.pem", directory / "nosan.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 class ClientCertificatePolicyTests(TestCase):
     """One policy whatever the trust comes from: subjectAltName only, one line, exit 3."""
 
     def setUp(self) -> None:
         self.dir = Path(self.mktemp()).absolute()
         self.dir.mkdir()
-        self.cert, key = self_signed_without_san(self.dir)
+        self.cert, key = self_signed_without_san(self.dir, ec.generate_private_key(ec.SECP256R1()))
         self.server = start_twistd(self, "--cert", str(self.cert), "--key", str(key))
 
     def send(self, *args: str) -> subprocess.CompletedProcess[bytes]:

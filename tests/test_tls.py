@@ -5,14 +5,11 @@ server's TLS policy probed with clients that offer exactly what a test needs.
 
 from __future__ import annotations
 
-import datetime
 import ssl
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from twisted.internet import endpoints, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -21,7 +18,7 @@ from echotwist import certs, tls, tokens
 from echotwist.client.outcome import Cause, StatusError, classify
 from echotwist.client.send import send_once
 from tests import tls_probe
-from tests.support import dev_certs, make_agent, make_site, start_server
+from tests.support import dev_certs, make_agent, make_site, self_signed_without_san, start_server
 
 
 class ClientAgainstServerTests(TestCase):
@@ -134,27 +131,8 @@ class ServerPolicyTests(TestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(1)
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256())
-        )
-        (directory / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / "k.pem").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        factory = tls.server_context_factory(directory / "c.pem", directory / "k.pem")
+        cert_path, key_path = self_signed_without_san(directory, key)
+        factory = tls.server_context_factory(cert_path, key_path)
         site = make_site(tokens.generate_token())
         endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, factory, interface="127.0.0.1")
         port = await endpoint.listen(site)
