@@ -87,7 +87,8 @@ class Options(usage.Options):
     longdesc = (
         "Serve POST /echo over HTTPS (HTTP/1.1 and HTTP/2): a request with the "
         "token gets its body back byte for byte.  The token is printed at start-up "
-        "(set ECHOTWIST_TOKEN to share one between instances).  Without --cert/--key "
+        "(set ECHOTWIST_TOKEN, 16 characters or more, to share one between instances).  "
+        "Without --cert/--key "
         "a development CA and a localhost certificate are created under --cert-dir."
     )
 
