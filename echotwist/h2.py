@@ -76,38 +76,24 @@ class _GracefulStateMachine(upstream.ConnectionStateMachine):
     PING gets GOAWAY PROTOCOL_ERROR, a response cannot be sent).  RFC 9113
     section 6.8: the receiver of GOAWAY keeps serving the connection until it
     closes it; L{EchoH2Connection} closes it once no stream is left
-    (python-hyper/h2#1181 is h2's open issue).
-
-    @ivar peer_went_away: the client has sent GOAWAY.
+    (python-hyper/h2#1181 is h2's open issue).  The transitions table is h2's
+    with GOAWAY received leaving an open state as it is: nothing is added to
+    the handling of every frame.
     """
 
-    peer_went_away = False
+    _transitions = {
+        **upstream.CONNECTION_TRANSITIONS,
+        **{
+            (state, _RECV_GOAWAY): (None, state)
+            for state in upstream.ConnectionState
+            if state is not _CLOSED
+        },
+    }
 
-    def process_input(self, input_: Any) -> list[Event]:
-        if input_ is _RECV_GOAWAY and self.state is not _CLOSED:
-            self.peer_went_away = True
-            return []
-        return cast(list[Event], super().process_input(input_))
 
-
-class _FrameBuffer(upstream.FrameBuffer):
-    """
-    h2's frame buffer, saying FRAME_SIZE_ERROR for a SETTINGS ACK with a
-    payload (RFC 9113 section 6.5), where h2 says PROTOCOL_ERROR as for any
-    frame hyperframe finds invalid.
-    """
-
-    def __next__(self) -> Frame:
-        try:
-            return cast(Frame, super().__next__())
-        except ProtocolError as e:
-            if isinstance(e.__cause__, InvalidDataError):
-                head = upstream.unparsed_bytes(self)[:9]
-                if len(head) == 9 and head[3] == _SETTINGS and head[4] & _ACK:
-                    raise h2.exceptions.FrameTooLargeError(
-                        "SETTINGS frame with ACK and a payload"
-                    ) from e
-            raise
+def _is_settings_ack(head: bytes | bytearray) -> bool:
+    """Whether a frame header is that of a SETTINGS frame with the ACK flag."""
+    return len(head) >= 9 and head[3] == _SETTINGS and bool(head[4] & _ACK)
 
 
 class _ServerMachine(_H2Machine):
@@ -124,7 +110,7 @@ class _ServerMachine(_H2Machine):
 
     Where h2 departs from RFC 9113 it is corrected here: the client's GOAWAY
     leaves the connection working (L{_GracefulStateMachine}), a SETTINGS ACK
-    with a payload is a FRAME_SIZE_ERROR (L{_FrameBuffer}), a malformed header
+    with a payload is a FRAME_SIZE_ERROR (L{receive_data}), a malformed header
     block resets its stream (L{MalformedHeadersError}), frames on a stream we reset
     are ignored, and an error h2 raises before queueing a GOAWAY (an invalid
     preface) still gets one.
@@ -132,13 +118,9 @@ class _ServerMachine(_H2Machine):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config=config)
-        self.state_machine: _GracefulStateMachine = _GracefulStateMachine()
-        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
-
-    @property
-    def peer_went_away(self) -> bool:
-        """Whether the client has sent GOAWAY."""
-        return self.state_machine.peer_went_away
+        self.state_machine = _GracefulStateMachine()
+        #: The client has sent GOAWAY.
+        self.peer_went_away = False
 
     def receive_data(self, data: Any) -> list[Event]:
         try:
@@ -148,11 +130,29 @@ class _ServerMachine(_H2Machine):
                 # Raised before h2's own handler (an invalid preface): RFC
                 # 9113 section 3.4 still makes it a connection error.
                 self.close_connection(error_code=e.error_code)
+            elif isinstance(e.__cause__, InvalidDataError) and _is_settings_ack(
+                upstream.unparsed_bytes(self.incoming_buffer)[:9]
+            ):
+                # A SETTINGS ACK with a payload: RFC 9113 section 6.5 says
+                # FRAME_SIZE_ERROR, h2 queued PROTOCOL_ERROR.  Its GOAWAY is
+                # the last frame queued, the error code its last four bytes.
+                upstream.outbound_bytes(self)[-4:] = ErrorCodes.FRAME_SIZE_ERROR.to_bytes(4, "big")
             raise
-        if self.state_machine.peer_went_away:
-            # Handled by EchoH2Connection; Twisted would drop every stream.
-            events = [e for e in events if not isinstance(e, ConnectionTerminated)]
+        for event in events:
+            if event.__class__ is ConnectionTerminated:
+                # Handled by EchoH2Connection; Twisted would drop every stream.
+                self.peer_went_away = True
+                events = [e for e in events if e.__class__ is not ConnectionTerminated]
+                break
         return events
+
+    def _is_idle(self, stream_id: int) -> bool:
+        """A stream not yet opened by either side (RFC 9113 section 5.1)."""
+        if stream_id in self.streams:
+            return False
+        if stream_id % 2:
+            return stream_id > self.highest_inbound_stream_id
+        return stream_id > self.highest_outbound_stream_id
 
     def _closed_by_our_reset(self, stream_id: int) -> bool:
         return upstream.stream_closed_by(self, stream_id) is _OUR_RESET
@@ -166,6 +166,9 @@ class _ServerMachine(_H2Machine):
     def _receive_frame(self, frame: Frame) -> list[Event]:
         """Handle a received frame (h2's method without the trace log call)."""
         events: list[Event]
+        if frame.__class__ is RstStreamFrame and self._is_idle(frame.stream_id):
+            # Ours: h2 ignores it; RFC 9113 section 6.4 makes it a PROTOCOL_ERROR.
+            raise ProtocolError(f"RST_STREAM on idle stream {frame.stream_id}")
         try:
             # I don't love using __class__ here, maybe reconsider it.
             frames, events = self._frame_dispatch_table[frame.__class__](frame)

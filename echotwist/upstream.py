@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import h2.connection
-import h2.frame_buffer
 import h2.stream
 
 # -- h2 ----------------------------------------------------------------------
@@ -26,14 +25,17 @@ import h2.stream
 ConnectionStateMachine = h2.connection.H2ConnectionStateMachine  # subclassed: GOAWAY received
 ConnectionState = h2.connection.ConnectionState  # undocumented: the machine's states
 ConnectionInputs = h2.connection.ConnectionInputs  # undocumented: the machine's inputs
+#: The machine's (state, input) -> (side effect, next state) table, copied
+#: with one change, so that the change costs nothing per frame.
+CONNECTION_TRANSITIONS = h2.connection.H2ConnectionStateMachine._transitions  # copied
 
-#: h2's frame buffer (undocumented), subclassed to tell SETTINGS ACK with a
-#: payload (FRAME_SIZE_ERROR, RFC 9113 section 6.5) from other invalid frames
-#: (h2 says PROTOCOL_ERROR for both).
-FrameBuffer = h2.frame_buffer.FrameBuffer  # subclassed: the SETTINGS ACK payload check
-#: The attribute holding the bytes the buffer has not yet parsed: when a frame
-#: fails to parse, its header is still at the front.
-FRAME_BUFFER_BYTES = "_data"  # read to see which frame failed to parse
+#: h2 says PROTOCOL_ERROR for every frame hyperframe finds invalid; a SETTINGS
+#: ACK with a payload must be FRAME_SIZE_ERROR (RFC 9113 section 6.5).  When a
+#: frame fails to parse, its header is still at the front of the frame
+#: buffer's unparsed bytes, and the GOAWAY h2 queued is at the end of its
+#: outbound bytes.
+FRAME_BUFFER_BYTES = "_data"  # h2.frame_buffer.FrameBuffer: read to see which frame failed
+OUTBOUND_BYTES = "_data_to_send"  # h2.connection.H2Connection: the GOAWAY's code rewritten
 
 #: How h2 says a stream was closed: ours by RST_STREAM means "ignore what
 #: follows" (RFC 9113 section 5.1), not "answer STREAM_CLOSED" as h2 does.
@@ -43,8 +45,14 @@ STREAM_CLOSED_BY = "_stream_closed_by"  # called to tell our reset from the clie
 
 
 def unparsed_bytes(buffer: Any) -> bytearray:
-    """The bytes a L{FrameBuffer} holds that it has not yet parsed."""
+    """The bytes an h2 frame buffer holds that it has not yet parsed."""
     data: bytearray = getattr(buffer, FRAME_BUFFER_BYTES)
+    return data
+
+
+def outbound_bytes(connection: Any) -> bytearray:
+    """The bytes an h2 connection has queued to send (the very buffer)."""
+    data: bytearray = getattr(connection, OUTBOUND_BYTES)
     return data
 
 

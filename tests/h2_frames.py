@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from h2.errors import ErrorCodes
-from hpack import Encoder
+from hpack import Decoder, Encoder
 from hyperframe.frame import (
     DataFrame,
     Frame,
@@ -61,6 +61,7 @@ class FrameClient:
         assert self.sock.selected_alpn_protocol() == "h2", self.sock.selected_alpn_protocol()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.encoder = Encoder()
+        self.decoder = Decoder()
         self.received: list[Frame] = []
         self._pending = b""
         self._closed = False
@@ -181,6 +182,26 @@ class FrameClient:
                 frames.append(self.next_frame(max(end - time.monotonic(), 0.0)))
             except TimeoutError:
                 return frames
+
+    def response(self, stream_id: int, limit: float = 5.0) -> tuple[dict[bytes, bytes], bytes]:
+        """The response on C{stream_id}: its headers and its whole body."""
+        headers: dict[bytes, bytes] = {}
+        body = b""
+        end = time.monotonic() + limit
+        while True:
+            frame = self.next_frame(max(end - time.monotonic(), 0.0))
+            if frame.stream_id != stream_id:
+                if isinstance(frame, GoAwayFrame):
+                    raise AssertionError(f"GOAWAY before the response: {frame!r}")
+                continue
+            if isinstance(frame, HeadersFrame):
+                headers.update(dict(self.decoder.decode(frame.data, raw=True)))
+            elif isinstance(frame, DataFrame):
+                body += frame.data
+            elif isinstance(frame, RstStreamFrame):
+                raise AssertionError(f"stream reset: {frame!r}")
+            if "END_STREAM" in frame.flags:
+                return headers, body
 
     def ping(self, payload: bytes = b"echotwst") -> PingFrame:
         """A PING answered: proof that the connection still works."""
