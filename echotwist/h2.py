@@ -35,7 +35,7 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event, StreamReset
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
 from hyperframe.exceptions import InvalidDataError
-from hyperframe.frame import DataFrame, Frame, RstStreamFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -138,12 +138,9 @@ class _ServerMachine(_H2Machine):
                 # the last frame queued, the error code its last four bytes.
                 upstream.outbound_bytes(self)[-4:] = ErrorCodes.FRAME_SIZE_ERROR.to_bytes(4, "big")
             raise
-        for event in events:
-            if event.__class__ is ConnectionTerminated:
-                # Handled by EchoH2Connection; Twisted would drop every stream.
-                self.peer_went_away = True
-                events = [e for e in events if e.__class__ is not ConnectionTerminated]
-                break
+        if self.peer_went_away:
+            # Handled by EchoH2Connection; Twisted would drop every stream.
+            events = [e for e in events if e.__class__ is not ConnectionTerminated]
         return events
 
     def _is_idle(self, stream_id: int) -> bool:
@@ -166,9 +163,12 @@ class _ServerMachine(_H2Machine):
     def _receive_frame(self, frame: Frame) -> list[Event]:
         """Handle a received frame (h2's method without the trace log call)."""
         events: list[Event]
-        if frame.__class__ is RstStreamFrame and self._is_idle(frame.stream_id):
+        kind = frame.__class__
+        if kind is RstStreamFrame and self._is_idle(frame.stream_id):
             # Ours: h2 ignores it; RFC 9113 section 6.4 makes it a PROTOCOL_ERROR.
             raise ProtocolError(f"RST_STREAM on idle stream {frame.stream_id}")
+        if kind is GoAwayFrame and frame.stream_id == 0:
+            self.peer_went_away = True
         try:
             # I don't love using __class__ here, maybe reconsider it.
             frames, events = self._frame_dispatch_table[frame.__class__](frame)

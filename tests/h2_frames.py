@@ -174,14 +174,10 @@ class FrameClient:
                 return frames, False
 
     def quiet_for(self, seconds: float) -> list[Frame]:
-        """Every frame that arrives in the next C{seconds} (the connection stays open)."""
-        frames: list[Frame] = []
-        end = time.monotonic() + seconds
-        while True:
-            try:
-                frames.append(self.next_frame(max(end - time.monotonic(), 0.0)))
-            except TimeoutError:
-                return frames
+        """Every frame that arrives in the next C{seconds}; the connection must stay open."""
+        frames, closed = self.until_closed(seconds)
+        assert not closed, f"the server closed the connection after {frames}"
+        return frames
 
     def response(self, stream_id: int, limit: float = 5.0) -> tuple[dict[bytes, bytes], bytes]:
         """The response on C{stream_id}: its headers and its whole body."""
