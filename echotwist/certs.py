@@ -25,7 +25,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 SERVER_NAMES = ("localhost",)
 SERVER_ADDRESSES = ("127.0.0.1", "::1")
 CA_DAYS = 3650
-SERVER_DAYS = 825
+#: How far back a certificate's validity starts, for clocks a little behind ours.
+BACKDATE = datetime.timedelta(minutes=5)
+#: The server certificate's whole validity, backdating included: at most 397
+#: days, what Apple's clients accept from a private CA (825 days was refused).
+SERVER_LIFETIME = datetime.timedelta(days=397)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ def _make_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -132,8 +136,8 @@ def _make_server(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now - BACKDATE + SERVER_LIFETIME)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -148,13 +152,19 @@ def _make_server(
 
 
 def _server_cert_usable(paths: CertPaths, ca_cert: x509.Certificate) -> bool:
-    """The existing server certificate is still signed by this CA and not expiring."""
+    """
+    The existing server certificate is still signed by this CA, not expiring,
+    and no longer-lived than L{SERVER_LIFETIME} (one made by an older version is
+    re-issued).
+    """
     if not (paths.server_cert.exists() and paths.server_key.exists()):
         return False
     try:
         cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
+        return False
+    if cert.not_valid_after_utc - cert.not_valid_before_utc > SERVER_LIFETIME:
         return False
     return cert.not_valid_after_utc > _now() + datetime.timedelta(days=1)
 

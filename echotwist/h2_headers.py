@@ -32,6 +32,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import h2.stream
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
 from h2.utilities import (
     _SECURE_HEADERS,
     CONNECTION_HEADERS,
@@ -40,7 +42,7 @@ from h2.utilities import (
     normalize_outbound_headers,
     validate_headers,
 )
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, HPACKError, OversizedHeaderListError
 from hpack.hpack import DEFAULT_MAX_HEADER_LIST_SIZE
 
 #: A character h2 refuses in a name: controls and space, uppercase, DEL and above.
@@ -100,11 +102,37 @@ def plainly_valid(headers: list[Any], flags: HeaderValidationFlags) -> bool:
     return authority is None or host is None or authority == host
 
 
+class MalformedHeadersError(ProtocolError):
+    """
+    A received header block that decoded but is malformed (RFC 9113 section
+    8.1.1): a stream error of type PROTOCOL_ERROR, where h2 would end the
+    whole connection.  The HTTP/2 connection resets the stream.
+    """
+
+    def __init__(self, message: str, stream_id: int) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+
+
+class CompressionError(ProtocolError):
+    """
+    A header block that cannot be decoded (RFC 7541): a connection error of
+    type COMPRESSION_ERROR (RFC 9113 section 4.3), where h2 says
+    PROTOCOL_ERROR.
+    """
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
 class CheckedStream(h2.stream.H2Stream):
     """
     h2's stream, whose received headers are checked by L{plainly_valid} first
     and by h2's own validation when that is not sure.  Given to a stream h2
     has just made (C{__class__}), it adds no state.
+
+    A block h2's validation refuses raises L{MalformedHeadersError}: the block was
+    decoded (the compression context is intact), so only the stream is at
+    fault.
     """
 
     __slots__ = ()
@@ -116,16 +144,19 @@ class CheckedStream(h2.stream.H2Stream):
         header_encoding: bool | str | None,
     ) -> list[Any]:
         config = self.config
-        if not config.validate_inbound_headers or isinstance(header_encoding, str):
-            return super()._process_received_headers(
-                headers, header_validation_flags, header_encoding
-            )
-        if config.normalize_inbound_headers:
-            headers = normalize_inbound_headers(headers, header_validation_flags)
-        received = list(headers)
-        if plainly_valid(received, header_validation_flags):
-            return received
-        return list(validate_headers(received, header_validation_flags))
+        try:
+            if not config.validate_inbound_headers or isinstance(header_encoding, str):
+                return super()._process_received_headers(
+                    headers, header_validation_flags, header_encoding
+                )
+            if config.normalize_inbound_headers:
+                headers = normalize_inbound_headers(headers, header_validation_flags)
+            received = list(headers)
+            if plainly_valid(received, header_validation_flags):
+                return received
+            return list(validate_headers(received, header_validation_flags))
+        except ProtocolError as e:
+            raise MalformedHeadersError(str(e), self.stream_id) from e
 
 
 #: Names h2's outbound normaliser does more with than lowercase.
@@ -227,6 +258,9 @@ class RepeatingDecoder(Decoder):
     its fields are in the table, and hpack decodes every one of them again.
     Any other block, a failed one, and any change (a new field, an eviction, a
     size update, a new limit) goes through hpack as before.
+
+    A block hpack cannot decode raises L{CompressionError} (h2 would make it
+    a PROTOCOL_ERROR).
     """
 
     def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
@@ -245,7 +279,14 @@ class RepeatingDecoder(Decoder):
                 return list(last[2])
         before = self._state()
         self._last = None
-        headers = super().decode(data, raw)
+        try:
+            headers = super().decode(data, raw)
+        except OversizedHeaderListError:
+            raise  # h2 makes it ENHANCE_YOUR_CALM: a limit, not a decoding error
+        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
+            # What h2 catches (older hpack raised the other three), but with
+            # the code RFC 9113 section 4.3 asks for.
+            raise CompressionError(f"Error decoding header block: {e}") from e
         after = self._state()
         if _same_state(after, before):
             self._last = (bytes(data), raw, list(headers), after)

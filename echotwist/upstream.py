@@ -1,0 +1,61 @@
+"""
+Every private or undocumented name of Twisted, h2, hpack or pyOpenSSL that
+echotwist relies on, in one place, each with why.
+
+A private name can change in any release without notice.  Naming each one
+here, and only here, lets C{tests/test_upstream.py} fail the day one of them
+changes (rather than a conformance test failing in some unexplained way), and
+shows in one screen what an upstream fix would let us delete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.connection
+import h2.stream
+
+# -- h2 ----------------------------------------------------------------------
+
+#: h2's connection-level state machine (undocumented).  On receiving GOAWAY it
+#: moves to CLOSED and refuses every later frame, a PING included; RFC 9113
+#: section 6.8 keeps the connection working until it is closed
+#: (python-hyper/h2#1181, open).  L{echotwist.h2} gives the connection a
+#: subclass that stays open.
+ConnectionStateMachine = h2.connection.H2ConnectionStateMachine  # subclassed: GOAWAY received
+ConnectionState = h2.connection.ConnectionState  # undocumented: the machine's states
+ConnectionInputs = h2.connection.ConnectionInputs  # undocumented: the machine's inputs
+#: The machine's (state, input) -> (side effect, next state) table, copied
+#: with one change, so that the change costs nothing per frame.
+CONNECTION_TRANSITIONS = h2.connection.H2ConnectionStateMachine._transitions  # copied
+
+#: h2 says PROTOCOL_ERROR for every frame hyperframe finds invalid; a SETTINGS
+#: ACK with a payload must be FRAME_SIZE_ERROR (RFC 9113 section 6.5).  When a
+#: frame fails to parse, its header is still at the front of the frame
+#: buffer's unparsed bytes, and the GOAWAY h2 queued is at the end of its
+#: outbound bytes.
+FRAME_BUFFER_BYTES = "_data"  # h2.frame_buffer.FrameBuffer: read to see which frame failed
+OUTBOUND_BYTES = "_data_to_send"  # h2.connection.H2Connection: the GOAWAY's code rewritten
+
+#: How h2 says a stream was closed: ours by RST_STREAM means "ignore what
+#: follows" (RFC 9113 section 5.1), not "answer STREAM_CLOSED" as h2 does.
+StreamClosedBy = h2.stream.StreamClosedBy  # undocumented enum
+#: h2's private lookup of how a stream (live or already forgotten) was closed.
+STREAM_CLOSED_BY = "_stream_closed_by"  # called to tell our reset from the client's
+
+
+def unparsed_bytes(buffer: Any) -> bytearray:
+    """The bytes an h2 frame buffer holds that it has not yet parsed."""
+    data: bytearray = getattr(buffer, FRAME_BUFFER_BYTES)
+    return data
+
+
+def outbound_bytes(connection: Any) -> bytearray:
+    """The bytes an h2 connection has queued to send (the very buffer)."""
+    data: bytearray = getattr(connection, OUTBOUND_BYTES)
+    return data
+
+
+def stream_closed_by(connection: Any, stream_id: int) -> Any:
+    """How h2's C{connection} says C{stream_id} was closed: a L{StreamClosedBy} or C{None}."""
+    return getattr(connection, STREAM_CLOSED_BY)(stream_id)
