@@ -34,6 +34,7 @@ class Interruption:
         self._reactor = reactor
         self._on_signal = on_signal
         self._previous: dict[int, Any] = {}
+        self._wanted = False
         self.signum: int | None = None
 
     @property
@@ -46,14 +47,27 @@ class Interruption:
         return "" if self.signum is None else signal.Signals(self.signum).name
 
     def install(self) -> None:
+        """
+        Take over SIGINT and SIGTERM until L{uninstall}.  C{react} runs the
+        command before the reactor starts, and the reactor sets its own SIGTERM
+        handler as it starts: then this takes over once the reactor is running.
+        """
+        self._wanted = True
+        if self._reactor.running:
+            self._install()
+        else:
+            self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
         # signal.signal works only on the main thread; elsewhere (a run inside
         # a thread) the reactor's own handling stays in place.
-        if threading.current_thread() is not threading.main_thread():
+        if not self._wanted or threading.current_thread() is not threading.main_thread():
             return
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
+        self._wanted = False
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
