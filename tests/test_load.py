@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +36,7 @@ from zope.interface import implementer
 from echotwist import certs, tls, tokens
 from echotwist.client import cli
 from echotwist.client.connection import Response, ResponseReader
-from tests.support import dev_certs, make_site, run_client, start_twistd
+from tests.support import CLIENT, dev_certs, make_site, pid_alive, run_client, start_twistd
 
 # -- a server whose connections are counted ---------------------------------------
 
@@ -483,3 +486,61 @@ class EndToEndTests(TestCase):
         self.assertEqual(result.returncode, 4)
         self.assertEqual(json.loads(result.stdout)["failed"], {"http_status": 5})
         self.assertIn(b"401", result.stderr)
+
+
+class InterruptTests(TestCase):
+    """Ctrl-C or SIGTERM during the real C{echotwist-client load}: a partial summary, not 0."""
+
+    timeout = 120
+
+    def _interrupted_run(
+        self, sig: int, *extra: str
+    ) -> tuple[dict[str, Any], int, float, list[int]]:
+        twistd = start_twistd(self)
+        env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+        env[tokens.ENV_VAR] = twistd.token
+        proc = subprocess.Popen(
+            [
+                CLIENT,
+                "load",
+                f"--host={twistd.url}",
+                f"--cacert={twistd.cafile}",
+                "--clients=10",
+                "--duration=60",
+                "--json",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        twistd.wait_for_count("POST /echo", 200, timeout=30)
+        time.sleep(0.5)
+        children = [
+            int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
+        signalled = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+        self.assertNotIn(b"Traceback", err)
+        self.assertIn(b"interrupted by", err)
+        return json.loads(out), proc.returncode, took, children
+
+    def test_sigint_prints_the_partial_summary_and_exits_130(self) -> None:
+        summary, code, took, _ = self._interrupted_run(signal.SIGINT)
+        self.assertEqual(code, 130)
+        self.assertIs(summary["interrupted"], True)
+        self.assertGreater(summary["verified"], 0)
+        self.assertEqual(summary["requests"], summary["verified"])
+        self.assertLess(took, 3.0)  # "within a second", with room for a noisy machine
+
+    def test_sigterm_with_two_processes_exits_143_and_leaves_no_process(self) -> None:
+        summary, code, took, children = self._interrupted_run(signal.SIGTERM, "--processes=2")
+        self.assertEqual(code, 143)
+        self.assertIs(summary["interrupted"], True)
+        self.assertGreater(summary["verified"], 0)
+        self.assertEqual(len(children), 2)
+        self.assertFalse([pid for pid in children if pid_alive(pid)])
+        self.assertLess(took, 3.0)

@@ -99,6 +99,8 @@ class SummaryTests(TestCase):
                 "elapsed_s": 2.0,
                 "rps": 50.5,
                 "latency_ms": {"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0},
+                "interrupted": False,
+                "abandoned": 0,
             },
         )
 

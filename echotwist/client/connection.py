@@ -288,6 +288,17 @@ class EchoConnection(Protocol):
         waiting.errback(TimeoutError(f"no complete answer within {timeout:g} s"))
         return True
 
+    def abandon(self) -> bool:
+        """
+        Give up the request in flight, if any (its result fails with
+        L{CancelledError} and the connection is aborted); say whether there was one.
+        """
+        waiting = self._waiting
+        if waiting is None:
+            return False
+        waiting.cancel()
+        return True
+
     def _cancel(self, waiting: Deferred[Response]) -> None:
         self._waiting = None
         self.usable = False

@@ -31,15 +31,16 @@ import time
 from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 
 from echotwist.client.cli import ConnectionOptions, _warn
 from echotwist.client.connection import ClosedBeforeAnswer, EchoConnection, request_head
+from echotwist.client.interrupt import Interruption
 from echotwist.client.outcome import Cause, Problem, StatusError, classify
-from echotwist.client.processes import run_children, write_latencies
+from echotwist.client.processes import Children, write_latencies
 from echotwist.client.send import compare, request_headers
 from echotwist.client.stats import Summary, Tally, summarize
 from echotwist.options import seconds, whole_number
@@ -163,6 +164,8 @@ class LoadRun:
         self._random = random.Random()  # payloads need to be unique, not secret
         self._issued = 0
         self._open: set[EchoConnection] = set()
+        self._connecting: set[Deferred[EchoConnection]] = set()
+        self.interrupted = False
         self.tally = Tally()
 
     @property
@@ -173,6 +176,8 @@ class LoadRun:
     def _next(self) -> int | None:
         """The next request's sequence number, or L{None} when the run is over."""
         seq = self._issued
+        if self.interrupted:
+            return None
         if self._limit is not None and seq >= self._limit:
             return None
         if self._deadline is not None and seq and time.monotonic() >= self._deadline:
@@ -214,11 +219,13 @@ class LoadRun:
             try:
                 if connection is None or not connection.usable:
                     connection = await self._connect_within_timeout()
+                    if self.interrupted:
+                        raise CancelledError()
                 reused = connection.answered > 0
                 # No timer here: expire() sweeps every connection periodically.
                 response = await connection.request(data, started)
             except ClosedBeforeAnswer as e:
-                if attempt == 1 and reused and not e.answer_started:
+                if attempt == 1 and reused and not e.answer_started and not self.interrupted:
                     # The server closed the kept-alive connection as the request
                     # went out: it never saw it, so send it again, once.
                     tally.retries += 1
@@ -237,6 +244,10 @@ class LoadRun:
                 else:
                     problem = Problem(Cause.MISMATCH, str(compare(body, response.body)))
             break
+        if self.interrupted and latency is None:
+            # Cut short by Ctrl-C or SIGTERM: not the server's failure.
+            tally.abandoned += 1
+            return connection
         tally.record_problem(Problem(problem.cause, f"request {seq}: {problem.message}"), latency)
         return connection
 
@@ -257,7 +268,22 @@ class LoadRun:
     async def _connect_within_timeout(self) -> EchoConnection:
         connecting = Deferred.fromCoroutine(self._connect())
         connecting.addTimeout(self._timeout, self._reactor)
-        return await connecting
+        self._connecting.add(connecting)
+        try:
+            return await connecting
+        finally:
+            self._connecting.discard(connecting)
+
+    def interrupt(self) -> None:
+        """
+        Stop the run now (Ctrl-C, SIGTERM): no new requests, and every request
+        in flight or still connecting is abandoned and counted as such.
+        """
+        self.interrupted = True
+        for connecting in list(self._connecting):
+            connecting.cancel()
+        for connection in list(self._open):
+            connection.abandon()
 
     async def close(self) -> None:
         """Close every connection still open, and wait until they are."""
@@ -328,6 +354,8 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
         _warn(stderr, f"error: {problem}")
         return 2
     load = LoadRun(reactor, options)
+    interruption = Interruption(reactor, lambda _: load.interrupt())
+    interruption.install()
     progress = _Progress(reactor, load, stderr) if stdout.isatty() and not options["json"] else None
     sweep = LoopingCall(load.expire)
     sweep.clock = reactor
@@ -344,11 +372,25 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
             progress.close()
         # Held to the end, so that all the clients' connections were open at once.
         await load.close()
+        interruption.uninstall()
     if options["latencies-fd"] is not None:
         write_latencies(options["latencies-fd"], load.tally.latencies)
-    summary = summarize(load.tally, elapsed)
+    summary = summarize(load.tally, elapsed, interrupted=load.interrupted)
     _report(summary, load.tally, options["json"], stdout, stderr)
-    return load.tally.exit_code()
+    return _exit_code(load.tally, interruption, stderr)
+
+
+def _exit_code(tally: Tally, interruption: Interruption, stderr: TextIO) -> int:
+    """The run's exit code: the signal's (130, 143) when it was cut short."""
+    code = interruption.exit_code
+    if code is None:
+        return tally.exit_code()
+    _warn(
+        stderr,
+        f"error: interrupted by {interruption.name}: the summary covers only the requests "
+        f"so far ({tally.abandoned} in flight abandoned)",
+    )
+    return code
 
 
 async def _run_processes(
@@ -359,13 +401,24 @@ async def _run_processes(
     stdout: BinaryIO,
     stderr: TextIO,
 ) -> int:
-    """C{--processes N}: the children run the clients; this merges and reports."""
-    tally, elapsed, failed_code = await run_children(reactor, options, processes, clients, stderr)
+    """
+    C{--processes N}: the children run the clients; this merges and reports.
+    A signal to this process is passed on to every child, which stops and
+    reports what it has.
+    """
+    children = Children(reactor, stderr)
+    interruption = Interruption(reactor, children.signal)
+    interruption.install()
+    try:
+        tally, elapsed, failed_code = await children.run(options, processes, clients)
+    finally:
+        interruption.uninstall()
     if failed_code is not None:
         _warn(stderr, "error: a load process ended without a summary")
         return failed_code
-    _report(summarize(tally, elapsed), tally, options["json"], stdout, stderr)
-    return tally.exit_code()
+    summary = summarize(tally, elapsed, interrupted=interruption.signum is not None)
+    _report(summary, tally, options["json"], stdout, stderr)
+    return _exit_code(tally, interruption, stderr)
 
 
 def _report(

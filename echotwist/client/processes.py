@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -118,45 +119,62 @@ def merge(tally: Tally, summary: dict[str, Any], latencies: array[float]) -> Non
     tally.verified += int(summary["verified"])
     tally.mismatched += int(summary["mismatched"])
     tally.retries += int(summary.get("retries", 0))
+    tally.abandoned += int(summary.get("abandoned", 0))
     tally.failed.update(Counter({Cause(k): int(v) for k, v in summary["failed"].items()}))
     tally.latencies.extend(latencies)
 
 
-async def run_children(
-    reactor: Any, options: Any, processes: int, clients: int, stderr: TextIO
-) -> tuple[Tally, float, int | None]:
-    """
-    Run the children; return the merged tally, the longest child's elapsed
-    seconds, and the exit code of a child that could not report (else L{None}).
-    """
-    requests: int | None = options["requests"]
-    client_shares = shares(clients, processes)
-    request_shares = shares(requests, processes) if requests is not None else None
-    env = {**os.environ, tokens.ENV_VAR: options["token"]}
-    children: list[_Child] = []
-    for i, share in enumerate(client_shares):
-        child = _Child(stderr)
-        argv = child_argv(options, share, request_shares[i] if request_shares else None)
-        reactor.spawnProcess(
-            child,
-            sys.executable,
-            argv,
-            env=env,
-            childFDs={0: "w", 1: "r", 2: "r", LATENCY_FD: "r"},
-        )
-        children.append(child)
-    codes = await gatherResults([c.ended for c in children])
-    tally = Tally()
-    elapsed = 0.0
-    failed_code: int | None = None
-    for child, code in zip(children, codes, strict=True):
-        summary = child.summary()
-        if summary is None:
-            failed_code = failed_code or code or ExitCode.TRANSPORT
-            continue
-        merge(tally, summary, child.latencies())
-        elapsed = max(elapsed, float(summary["elapsed_s"]))
-    return tally, elapsed, failed_code
+class Children:
+    """The children of one C{--processes} run, and the signals passed on to them."""
+
+    def __init__(self, reactor: Any, stderr: TextIO) -> None:
+        self._reactor = reactor
+        self._stderr = stderr
+        self._children: list[_Child] = []
+
+    def signal(self, signum: int) -> None:
+        """Pass a signal on to every child still running (Ctrl-C, SIGTERM)."""
+        for child in self._children:
+            try:
+                child.transport.signalProcess(signum)  # type: ignore[union-attr]
+            except ProcessExitedAlready:
+                pass
+
+    async def run(
+        self, options: Any, processes: int, clients: int
+    ) -> tuple[Tally, float, int | None]:
+        """
+        Run the children; return the merged tally, the longest child's elapsed
+        seconds, and the exit code of a child that could not report (else L{None}).
+        """
+        requests: int | None = options["requests"]
+        client_shares = shares(clients, processes)
+        request_shares = shares(requests, processes) if requests is not None else None
+        env = {**os.environ, tokens.ENV_VAR: options["token"]}
+        children = self._children
+        for i, share in enumerate(client_shares):
+            child = _Child(self._stderr)
+            argv = child_argv(options, share, request_shares[i] if request_shares else None)
+            self._reactor.spawnProcess(
+                child,
+                sys.executable,
+                argv,
+                env=env,
+                childFDs={0: "w", 1: "r", 2: "r", LATENCY_FD: "r"},
+            )
+            children.append(child)
+        codes = await gatherResults([c.ended for c in children])
+        tally = Tally()
+        elapsed = 0.0
+        failed_code: int | None = None
+        for child, code in zip(children, codes, strict=True):
+            summary = child.summary()
+            if summary is None:
+                failed_code = failed_code or code or ExitCode.TRANSPORT
+                continue
+            merge(tally, summary, child.latencies())
+            elapsed = max(elapsed, float(summary["elapsed_s"]))
+        return tally, elapsed, failed_code
 
 
 def write_latencies(fd: int, latencies: array[float]) -> None:

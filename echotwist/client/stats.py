@@ -55,6 +55,8 @@ class Tally:
     verified: int = 0
     mismatched: int = 0
     retries: int = 0
+    #: Requests in flight when a signal stopped the run (neither verified nor failed).
+    abandoned: int = 0
     failed: Counter[Cause] = field(default_factory=Counter)
     latencies: array[float] = field(default_factory=lambda: array("d"))
     first_failures: list[Problem] = field(default_factory=list)
@@ -104,6 +106,9 @@ class Summary:
     elapsed_s: float
     rps: float
     latency_ms: dict[str, float | None]
+    #: Whether a signal (Ctrl-C, SIGTERM) cut the run short, and what it left in flight.
+    interrupted: bool = False
+    abandoned: int = 0
 
     def to_json(self) -> str:
         """One JSON object on one line, with the keys the SPEC names."""
@@ -119,6 +124,8 @@ class Summary:
                 "latency_ms": {
                     k: (None if v is None else round(v, 3)) for k, v in self.latency_ms.items()
                 },
+                "interrupted": self.interrupted,
+                "abandoned": self.abandoned,
             }
         )
 
@@ -140,11 +147,13 @@ class Summary:
             f"rate        {self.rps:.1f} requests/s",
             f"latency     {latency}",
         ]
+        if self.interrupted:
+            lines.append(f"interrupted yes ({self.abandoned} in flight abandoned)")
         return "\n".join(lines) + "\n"
 
 
-def summarize(tally: Tally, elapsed: float) -> Summary:
-    """The summary of a finished run that took C{elapsed} seconds."""
+def summarize(tally: Tally, elapsed: float, *, interrupted: bool = False) -> Summary:
+    """The summary of a run that took C{elapsed} seconds (and was cut short, if C{interrupted})."""
     ordered = sorted(tally.latencies)
     latency_ms: dict[str, float | None] = {}
     for name, percent in (*PERCENTILES, ("max", 100.0)):
@@ -159,4 +168,6 @@ def summarize(tally: Tally, elapsed: float) -> Summary:
         elapsed_s=elapsed,
         rps=requests / elapsed if elapsed > 0 else 0.0,
         latency_ms=latency_ms,
+        interrupted=interrupted,
+        abandoned=tally.abandoned,
     )
