@@ -476,14 +476,8 @@ class EchoChannelProtocol(http._GenericHTTPChannelProtocol):
         if self._closing or channel.transport is None:
             return
         self._closing = True
-        if isinstance(channel, H2Connection):
-            # hyper-h2 refuses every frame after GOAWAY, so it goes out only
-            # once the last stream is done.
-            channel.conn.close_connection()
-            channel._tryToWriteControlData()
-            # A TLS transport does not close while a producer is registered.
-            channel.transport.unregisterProducer()
-            channel.transport.loseConnection()
+        if isinstance(channel, EchoH2Connection):
+            channel.close_politely()
         else:
             # Unregisters the channel as the transport's producer, then closes.
             channel.loseConnection()

@@ -637,10 +637,19 @@ class EchoH2Connection(CachedAddresses, H2Connection):
         if not self._stillProducing or self.streams or self.transport is None:
             return
         self._batching = False
+        self.close_politely()
+
+    def close_politely(self) -> None:
+        """
+        Send GOAWAY(NO_ERROR) and close: for a connection with no stream left
+        (after the client's GOAWAY, or an idle one in the drain).  h2 refuses
+        every frame after GOAWAY, so it goes out only once the last stream is done.
+        """
         self.conn.close_connection()
         self._tryToWriteControlData()
         self._release_transport()
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _requestDone(self, streamID: int) -> None:
         self._held.pop(streamID, None)
