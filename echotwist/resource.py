@@ -22,8 +22,8 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http import HTTPChannel, datetimeToString
-from twisted.web.http_headers import Headers, _nameEncoder, _sanitizeLinearWhitespace
+from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -79,13 +79,6 @@ _REASONS = {
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 1024 * 1024
 
-
-#: Response header names as twisted.web's L{Headers} stores them (its private
-#: C{_rawHeaders}, keyed by Twisted's own canonical names; pinned by tests).
-_SERVER = _nameEncoder.encode(b"server")
-_DATE = _nameEncoder.encode(b"date")
-_CONTENT_TYPE = _nameEncoder.encode(b"content-type")
-_CONTENT_LENGTH = _nameEncoder.encode(b"content-length")
 
 #: The HTTP-date of the current second, as C{(second, value)}.
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -243,15 +236,11 @@ class EchoResource(Resource):
             )
         if status is not None:
             return refuse(request, status)
-        # The request's own Content-Type, as it came (every request: straight
-        # from and into the Headers' storage, see _write_head_defaults); a
-        # value with a line break in it (only Twisted's own parser could have
-        # let one through) is cleaned by setHeader's own helper.
-        content_type = request.requestHeaders._rawHeaders.get(_CONTENT_TYPE)
+        # The request's own Content-Type, as it came; setRawHeaders cleans a
+        # value with a line break in it (no parser of ours lets one through).
+        content_type = request.requestHeaders.getRawHeaders(b"content-type")
         echoed = content_type[0] if content_type else DEFAULT_CONTENT_TYPE
-        if b"\r" in echoed or b"\n" in echoed:
-            echoed = _sanitizeLinearWhitespace(echoed)
-        request.responseHeaders._rawHeaders[_CONTENT_TYPE] = [echoed]
+        request.responseHeaders.setRawHeaders(b"content-type", [echoed])
         if in_memory:
             chunks = memory.chunks()
             if len(chunks) == 1:
@@ -418,17 +407,18 @@ class EchoRequest(server.Request):
     A Request that refuses as soon as the headers are in, and bounds how long
     its body may take.
 
-    Twisted calls C{parseCookies} once every header has arrived, for HTTP/1.1
-    and HTTP/2 alike, and before it looks at C{Expect: 100-continue}; that is
+    Both channels (L{echotwist.http1} and Twisted's HTTP/2 stream) call
+    C{parseCookies} once every header has arrived, before they look at
+    C{Expect: 100-continue}; that is
     where the decision is taken.  A refused request never gets C{100 Continue}
     and its body is discarded.
 
     Under HTTP/1.1 the refusal is written at once (from C{gotLength}, after
-    Twisted has settled persistence) and the connection closes after a short
+    the channel has settled persistence) and the connection closes after a short
     linger.  Under HTTP/2 the stream is registered with its connection only
     after its headers are processed: the connection calls L{stream_registered}
     then, and the refusal is written and the stream ended at once; the
-    connection (L{echotwist.channel.EchoH2Connection}) then resets the stream
+    connection (L{echotwist.h2.EchoH2Connection}) then resets the stream
     so the client stops sending, and the other streams carry on.
 
     An accepted body must arrive at the site's minimum rate after a grace
@@ -438,7 +428,7 @@ class EchoRequest(server.Request):
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         #: Decided once (a finished request no longer has a channel).
-        self._http1 = isinstance(channel, HTTPChannel)
+        self._http1: bool = getattr(channel, "speaks_http1", False)
         self.started = time.monotonic()
         self.early: int | None = None
         #: L{EchoResource.early_status} has accepted this request's head.
@@ -457,6 +447,8 @@ class EchoRequest(server.Request):
         #: The body clock runs (or, under HTTP/2, may still be set: see
         #: L{_start_body_clock}).
         self._body_expected = False
+        #: The connection was lost before the answer was done.
+        self._gone = False
 
     # -- decisions ---------------------------------------------------------
 
@@ -473,13 +465,14 @@ class EchoRequest(server.Request):
 
     def _head(self) -> tuple[bytes, bytes, bytes]:
         """Method, path and version, which Twisted sets only once the body is in."""
-        ch = self._channel
         if self._http1:
-            return ch._command, ch._path, ch._version
+            # echotwist.http1 sets the head before the headers are handed on.
+            return self.method, self.uri, self.clientproto
+        ch = self._channel
         return ch.command or b"", ch.path or b"", b"HTTP/2"
 
     def _declared_length(self) -> int | None:
-        values = self.requestHeaders._rawHeaders.get(_CONTENT_LENGTH)
+        values = self.requestHeaders.getRawHeaders(b"content-length")
         if values and values[0].isdigit():
             return int(values[0])
         return None
@@ -498,17 +491,7 @@ class EchoRequest(server.Request):
                 self._release_memory()
             return
         self.accepted = True
-        if self._http1:
-            # The bytes after the head wait in the line parser's buffer: when
-            # the whole body is there already, it is read before this call
-            # returns, and no clock is needed.
-            pending = self.channel.length
-            body_expected = pending != 0 and (
-                pending is None or len(self.channel._buffer) < pending
-            )
-        else:
-            body_expected = length != 0
-        if body_expected:
+        if length != 0:
             self._start_body_clock()
 
     def gotLength(self, length: int | None) -> None:
@@ -564,18 +547,17 @@ class EchoRequest(server.Request):
             return
         self._body_started = self._clock().seconds()
         self._body_expected = True
-        if not self._http1:
-            # An HTTP/2 body usually ends in the read its headers came in: the
-            # timer (a callLater and a cancel per request) is set only if it
-            # has not once that read is done.  The deadline still counts from
-            # now.
-            after_read = getattr(getattr(self.channel, "_conn", None), "after_read", None)
-            if after_read is not None and after_read(self._arm_body_clock):
-                return
+        # A body usually ends in the read its head came in: the timer (a
+        # callLater and a cancel per request under HTTP/2) is set only if it
+        # has not once that read is done.  The deadline still counts from now.
+        connection = self.channel if self._http1 else getattr(self.channel, "_conn", None)
+        after_read = getattr(connection, "after_read", None)
+        if after_read is not None and after_read(self._arm_body_clock):
+            return
         self._arm_body_clock()
 
     def _arm_body_clock(self) -> None:
-        if not self._body_expected or self.finished or self._answered or self._disconnected:
+        if not self._body_expected or self.finished or self._answered or self._gone:
             return
         # An HTTP/1.1 channel lends its connection timer (its header deadline
         # is over); an HTTP/2 stream's request has a timer of its own.
@@ -599,7 +581,7 @@ class EchoRequest(server.Request):
                 deadline.clear(self._check_body_rate)
 
     def _check_body_rate(self) -> None:
-        if self.finished or self._answered or self._disconnected:
+        if self.finished or self._answered or self._gone:
             self._stop_body_clock()
             return
         clock = self._clock()
@@ -669,15 +651,10 @@ class EchoRequest(server.Request):
         self._linger = None
 
     def _write_head_defaults(self) -> None:
-        """
-        The headers every answer carries.  Stored as L{Headers} would store
-        them, without C{setHeader}'s name lookup and value sanitising: every
-        name and value here is the server's own (constants, a date, a pid),
-        and this runs for every request.
-        """
-        raw = self.responseHeaders._rawHeaders
-        raw[_SERVER] = [SERVER_NAME]
-        raw[_DATE] = [http_date()]
+        """The headers every answer carries."""
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"server", [SERVER_NAME])
+        headers.setRawHeaders(b"date", [http_date()])
         site = self._channel.site
         for name, value in getattr(site, "response_headers", list)():
             if name == b"connection":
@@ -685,7 +662,7 @@ class EchoRequest(server.Request):
                 if not self._http1:
                     continue  # HTTP/2 forbids the header; the drain sends GOAWAY.
                 self.channel.persistent = False
-            raw[_nameEncoder.encode(name)] = [value]
+            headers.setRawHeaders(name, [value])
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """The whole body is in (an HTTP/2 stream answered early is already done)."""
@@ -720,6 +697,7 @@ class EchoRequest(server.Request):
         self._release_memory()
 
     def connectionLost(self, reason: Failure) -> None:
+        self._gone = True
         self._cancel_linger()
         self._stop_body_clock()
         self._release_memory()

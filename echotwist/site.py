@@ -25,7 +25,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.web import server
 from twisted.web.resource import IResource
 
-from echotwist.channel import EchoChannelProtocol, EchoHTTPChannel, refused_protocol
+from echotwist.channel import EchoChannelProtocol, refused_protocol
 from echotwist.drain import ConnectionTracker
 from echotwist.limits import Limits
 from echotwist.logs import ACCESS_FORMAT, emit
@@ -86,10 +86,6 @@ class EchoSite(server.Site):
         self.refused_connections = 0
         self._refusing = False
 
-    def protocol(self) -> EchoChannelProtocol:
-        """The protocol of one connection (Factory.buildProtocol calls this)."""
-        return EchoChannelProtocol(EchoHTTPChannel())
-
     def buildProtocol(self, addr: IAddress | None) -> Any:
         """A channel for a new connection, or one that closes it if over the cap."""
         if len(self.tracker) >= self.limits.max_connections:
@@ -102,7 +98,9 @@ class EchoSite(server.Site):
                     peer=describe_peer(addr),
                 )
             return refused_protocol()
-        return super().buildProtocol(addr)
+        protocol = EchoChannelProtocol(self)
+        protocol.factory = self
+        return protocol
 
     def connection_opened(self, connection: EchoChannelProtocol) -> None:
         """A connection was accepted under the cap."""

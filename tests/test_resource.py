@@ -62,6 +62,21 @@ class EchoTests(TestCase):
         )
         self.assertEqual(parse_response(self.exchange(request)).body, b"abcde")
 
+    def test_an_http_1_0_chunked_body_is_echoed_and_the_connection_closes(self) -> None:
+        # RFC 9112 section 6.1: an HTTP/1.0 request with Transfer-Encoding is
+        # served, then the connection closes; what follows it is not read.
+        server = InMemoryHTTP(TOKEN)
+        self.addCleanup(server.close)
+        raw = server.feed(
+            b"POST /echo HTTP/1.0\r\nToken: " + TOKEN.encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            + raw_request(b"not read", TOKEN)
+        )
+        response = parse_response(raw)
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+        self.assertNotIn(b"not read", raw)
+        self.assertTrue(server.transport.disconnecting)
+
     def test_server_header_has_no_version(self) -> None:
         response = parse_response(self.exchange(raw_request(b"x", TOKEN)))
         self.assertEqual(response.header(b"server"), b"echotwist")
@@ -175,7 +190,7 @@ class RefusalTests(TestCase):
         server = InMemoryHTTP(TOKEN)
         self.addCleanup(server.close)
         server.feed(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
-        request = server.protocol._channel.requests[0]
+        request = server.protocol.channel.requests[0]
         server.feed(b"x" * 50000)
         self.assertEqual(request.content.tell(), 0)
         self.assertEqual(request.body_received, 50000)
