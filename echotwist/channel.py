@@ -66,6 +66,7 @@ class EchoChannelProtocol(Protocol):
     def connectionMade(self) -> None:
         # The first request's clock starts now: a client that connects and
         # then says nothing, or drips its handshake, is cut off too.
+        assert self.transport is not None
         self.channel = HTTP11Channel(self._site, self.transport, self._site.reactor.seconds())
 
     def dataReceived(self, data: bytes) -> None:
@@ -79,16 +80,9 @@ class EchoChannelProtocol(Protocol):
 
     def _switch_to_h2(self) -> EchoH2Connection:
         old = self.channel
-        if old is not None:
+        if isinstance(old, HTTP11Channel):
             old.cancel_deadlines()
-        site = self._site
-        channel = EchoH2Connection(site.reactor)
-        channel.requestFactory = site.requestFactory
-        channel.site = site
-        channel.factory = site
-        channel.timeOut = site.timeOut
-        channel.callLater = site.reactor.callLater
-        self.channel = channel
+        channel = self.channel = EchoH2Connection.for_site(self._site)
         channel.makeConnection(self.transport)
         return channel
 

@@ -350,6 +350,21 @@ class EchoH2Connection(CachedAddresses, H2Connection):
     """
 
     conn: _ServerMachine
+    #: Set by L{for_site}, as Twisted's own switch to HTTP/2 does.
+    requestFactory: Any
+    site: Any
+    factory: Any
+
+    @classmethod
+    def for_site(cls, site: Any) -> EchoH2Connection:
+        """A connection that serves C{site}'s Requests, on its reactor and idle timeout."""
+        channel = cls(site.reactor)
+        channel.requestFactory = site.requestFactory
+        channel.site = site
+        channel.factory = site
+        channel.timeOut = site.timeOut
+        channel.callLater = site.reactor.callLater  # type: ignore[method-assign]
+        return channel
 
     def __init__(self, reactor: Any = None) -> None:
         super().__init__(reactor)

@@ -84,7 +84,7 @@ def plain_answer(status: int) -> bytes:
     )
 
 
-class _Refusal(Exception):
+class _RefusalError(Exception):
     """Raised from a parser callback to stop parsing and answer C{status}."""
 
     def __init__(self, status: int, why: str) -> None:
@@ -93,7 +93,7 @@ class _Refusal(Exception):
         self.why = why
 
 
-class _Closed(Exception):
+class _ClosedError(Exception):
     """Raised from a parser callback: the connection is closing, read no more."""
 
 
@@ -210,9 +210,7 @@ class HTTP11Channel:
         """Whether the connection is TLS (it always is, but for tests)."""
         return bool(self._secure)
 
-    def writeHeaders(
-        self, version: bytes, code: bytes, reason: bytes, headers: Headers
-    ) -> None:
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         """
         Hold the response's head until its first body bytes, so that a whole
         small response is one write, one TLS record.
@@ -305,21 +303,22 @@ class HTTP11Channel:
         idle = self._idle
         if idle.when is not None and self._idle_timeout is not None:
             idle.set_in(self._idle_timeout, self._timed_out)
-        self._after_read = pending = []
+        pending: list[Callable[[], Any]] = []
+        self._after_read = pending
         try:
             self._feed(data)
-        except _Refusal as refusal:
+        except _RefusalError as refusal:
             self._reject(refusal.status, refusal.why)
         except HttpParserCallbackError as error:
-            refusal = error.__context__
-            if isinstance(refusal, _Refusal):
-                self._reject(refusal.status, refusal.why)
-            elif not isinstance(refusal, _Closed):
+            cause = error.__context__
+            if isinstance(cause, _RefusalError):
+                self._reject(cause.status, cause.why)
+            elif not isinstance(cause, _ClosedError):
                 # A fault of ours, met while a Request was handling what the
                 # parser gave it: logged whole, answered 500, closed.
                 _log.failure(
                     "request handling failed",
-                    Failure(refusal, type(refusal), refusal.__traceback__ if refusal else None),
+                    Failure(cause, type(cause), cause.__traceback__ if cause else None),
                 )
                 self._reject(http.INTERNAL_SERVER_ERROR, "the server failed on a request")
         except HttpParserError as error:
@@ -358,7 +357,7 @@ class HTTP11Channel:
                 cut, broken = self._head_cut(data, pos)
                 feed(view[pos:cut])
                 if broken is not None:
-                    raise _Refusal(HEADER_FIELDS_TOO_LARGE, broken)
+                    raise _RefusalError(HEADER_FIELDS_TOO_LARGE, broken)
             elif self._body_left:
                 cut = min(size, pos + self._body_left)
                 feed(view[pos:cut])
@@ -422,7 +421,7 @@ class HTTP11Channel:
     def on_message_begin(self) -> None:
         if self._closed:
             # The last answer closed the connection: what follows is not read.
-            raise _Closed()
+            raise _ClosedError()
         self._parsing = _Message()
         if not self.requests and not self.deadline.due(self._headers_too_slow):
             # A later request's clock starts at its first byte.
@@ -447,14 +446,14 @@ class HTTP11Channel:
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             if parser.get_http_version() == "0.9":
-                raise _Refusal(http.BAD_REQUEST, "HTTP/0.9 request")
-            raise _Refusal(http.HTTP_VERSION_NOT_SUPPORTED, "unsupported HTTP version")
+                raise _RefusalError(http.BAD_REQUEST, "HTTP/0.9 request")
+            raise _RefusalError(http.HTTP_VERSION_NOT_SUPPORTED, "unsupported HTTP version")
         message.version = version
         self._head_done = True
         if parser.should_upgrade():
             # llhttp would read everything after this head as the new
             # protocol; HTTP/2 is offered by ALPN instead, and nothing else is.
-            raise _Refusal(http.BAD_REQUEST, "protocol upgrade requested (not supported)")
+            raise _RefusalError(http.BAD_REQUEST, "protocol upgrade requested (not supported)")
         message.length = _body_length(message.headers)
         # keep-alive: HTTP/1.1 without "Connection: close".  HTTP/1.0 closes
         # after its answer, as twisted.web's own channel does (and as RFC 9112
