@@ -47,9 +47,14 @@ SCENARIOS = {
     # the concurrency of bench/run's scenarios (more requests per read)
     "keepalive-64B-c50": ["--h1", "-c", "50"],
     "h2-64B-c50": ["-c", "50", "-m", "10"],
+    # a new TCP connection and TLS handshake per request, as bench/run's newconn-64B: h2load
+    # runs of NEWCONN_BATCH clients with one request each (-c equal to -n)
+    "newconn-64B": ["--h1"],
 }
 #: The load client's scenarios: echotwist-client load's --clients, 64-byte payloads, against
 #: an echotwist outside valgrind; the client is what is counted.
+#: Connections (one request each) per h2load run of newconn-64B.
+NEWCONN_BATCH = 50
 CLIENT_SCENARIOS = {"client-64B": 10, "client-64B-c50": 50}
 DEFAULT_SCENARIOS = ["keepalive-64B", "h2-64B"]
 
@@ -183,13 +188,21 @@ class Counted(harness.Echotwist):
             )
 
     def load(self, scenario: str, requests: int) -> None:
+        if scenario == "newconn-64B":
+            for start in range(0, requests, NEWCONN_BATCH):
+                batch = min(NEWCONN_BATCH, requests - start)
+                self._h2load([*SCENARIOS[scenario], "-c", str(batch)], batch)
+        else:
+            self._h2load(SCENARIOS[scenario], requests)
+
+    def _h2load(self, args: list[str], requests: int) -> None:
         cmd = [
             "h2load",
             "-t",
             "1",
             "-n",
             str(requests),
-            *SCENARIOS[scenario],
+            *args,
             "-d",
             self.env.body_file(64),
             "-H",
