@@ -62,15 +62,22 @@ def _workers(value: str) -> int:
     return number
 
 
-def _interface(value: str) -> str:
-    """C{--interface}: an IP address, checked here rather than by a failing bind."""
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise usage.UsageError(
-            f"--interface must be an IP address such as 127.0.0.1 or ::, not {value!r}"
-        ) from None
-    return value
+def _ip_address(flag: str) -> Callable[[str], str]:
+    """A coercer for an address flag: an IP address, checked here rather than by a failing bind."""
+
+    def coerce(value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise usage.UsageError(
+                f"{flag} must be an IP address such as 127.0.0.1 or ::, not {value!r}"
+            ) from None
+        return value
+
+    return coerce
+
+
+_interface = _ip_address("--interface")
 
 
 def _rate(value: str) -> float:
@@ -201,7 +208,7 @@ class Options(usage.Options):
             None,
             DEFAULT_ADMIN_INTERFACE,
             "Address of the admin port (loopback by default: it is for operators).",
-            _interface,
+            _ip_address("--admin-interface"),
         ],
         [
             "token-from",
