@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from tests.support import need_command, run_client, scratch_dir, start_twistd, wait_until
 from tests.test_admin import admin_port, get
 
-SCRAPE_INTERVAL = "1s"
+SCRAPE_INTERVAL = "500ms"
 
 
 def free_port() -> int:
@@ -106,7 +106,7 @@ class PrometheusTests(TestCase):
             f"--cacert={server.cafile}",
             f"--token={server.token}",
             "--clients=10",
-            "--duration=4",
+            "--duration=2",
             "--json",
         )
         self.assertEqual(load.returncode, 0, load.stderr)

@@ -120,7 +120,7 @@ class ReloadTests(TestCase):
                 f"--cacert={server.cafile}",
                 f"--token={T1}",
                 "--clients=4",
-                "--duration=5",
+                "--duration=3",
                 "--json",
             ],
             stdout=subprocess.PIPE,
