@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
 from twisted.application import service
 from twisted.internet import error, interfaces
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -63,6 +62,10 @@ class AdminSite(server.Site):
     """C{/healthz}, C{/readyz} and C{/metrics}; everything else is 404."""
 
     def __init__(self, ready: Callable[[], bool], registry: CollectorRegistry) -> None:
+        # Imported here: it imports the global reactor, which twistd installs
+        # (--reactor) only after it has imported this plugin's options.
+        from prometheus_client.twisted import MetricsResource
+
         root = resource.Resource()
         root.putChild(b"healthz", _Text(lambda: (200, b"ok\n")))
         root.putChild(

@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from echotwist import metrics
+from echotwist.limits import FailureLimiter
 from echotwist.metrics import COUNTS, Histogram, MetricsCollector
 from tests.support import (
     InMemoryHTTP,
@@ -112,6 +113,21 @@ class RequestCountTests(TestCase):
         self.assertEqual(self.delta(before, (refusals, (("reason", "431"),))), 0)
         unauthorized = ("echotwist_requests_total", (("protocol", "h1"), ("status", "401")))
         self.assertEqual(self.delta(before, unauthorized), 1)
+
+    def test_a_long_header_line_is_431_and_a_peer_over_its_budget_429(self) -> None:
+        before = own()
+        http = InMemoryHTTP(TOKEN)
+        http.feed(b"POST /echo HTTP/1.1\r\nX-Long: " + b"x" * 20000 + b"\r\n\r\n")
+        http.close()
+        limiter = FailureLimiter(1 / 3600)  # one failed attempt per hour, a burst of one
+        for token in ("wrong-token-one", "wrong-token-two", TOKEN):
+            http = InMemoryHTTP(TOKEN, limiter=limiter)
+            http.feed(raw_request(b"hi", token=token))
+            http.close()
+        refusals = "echotwist_refusals_total"
+        self.assertEqual(self.delta(before, (refusals, (("reason", "431"),))), 1)
+        self.assertEqual(self.delta(before, (refusals, (("reason", "401"),))), 1)
+        self.assertEqual(self.delta(before, (refusals, (("reason", "429"),))), 2)
 
     def test_a_404_is_a_request_not_a_refusal(self) -> None:
         before = own()
