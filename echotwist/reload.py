@@ -78,22 +78,31 @@ class Reloader:
         self,
         cert: str | Path,
         key: str | Path,
+        build: Callable[[], ssl.ContextFactory],
         context_factory: ReloadableContextFactory,
         checker: tokens.TokenChecker,
         token_from: str | None = None,
     ) -> None:
+        """
+        @param build: makes the server's context factory from C{cert} and
+            C{key} as they are now: the same call that made the first one
+            (L{echotwist.service.context_factory_for}), so that a reload
+            keeps every TLS setting but the pair.
+        """
         self._cert = cert
         self._key = key
+        self._build = build
         self.context_factory = context_factory
         self.checker = checker
         self._token_from = token_from
 
     @classmethod
-    def from_options(cls, options: Any) -> Reloader:
+    def from_options(cls, options: Any, build: Callable[[], ssl.ContextFactory]) -> Reloader:
         """The reloader of C{twistd echo}'s (or a worker's) resolved options."""
         return cls(
             options["cert"],
             options["key"],
+            build,
             ReloadableContextFactory(options["context-factory"]),
             tokens.TokenChecker(options["token"]),
             options["token-from"],
@@ -108,7 +117,7 @@ class Reloader:
         """
         try:
             tls.check_pem_pair(self._cert, self._key)
-            factory = tls.server_context_factory(self._cert, self._key)
+            factory = self._build()
             served = fingerprint(self._cert)
             token = None
             if self._token_from is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +288,7 @@ class Options(usage.Options):
         except tls.PEMPairError as e:
             raise usage.UsageError(str(e)) from None
         try:
-            self["context-factory"] = tls.server_context_factory(self["cert"], self["key"])
+            self["context-factory"] = context_factory_for(self)
         except Exception as e:  # pyOpenSSL raises its own Error with a tuple
             raise usage.UsageError(
                 f"cannot load --cert {self['cert']} / --key {self['key']}: {e}"
@@ -387,6 +388,14 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         self.log.info("stopped: all connections closed ({aborted} cut)", aborted=aborted)
 
 
+def context_factory_for(options: Options) -> tls.HardenedContextFactory:
+    """
+    The server's TLS context factory for the options' certificate and key:
+    made at start, and again by every SIGHUP reload (L{echotwist.reload}).
+    """
+    return tls.server_context_factory(options["cert"], options["key"])
+
+
 def check_operating_options(options: Options) -> None:
     """The admin port and token-file flags make sense together, or a usage error."""
     if options["admin-port"] is not None and options["admin-port"] > 65535:
@@ -430,7 +439,7 @@ def makeService(options: Options) -> service.IService:
 
         server = WorkerPool(options, reactor, terminal)
     else:
-        reloader = reload.Reloader.from_options(options)
+        reloader = reload.Reloader.from_options(options, partial(context_factory_for, options))
         endpoint = transport.listen_tls(
             reactor,
             options["port"],

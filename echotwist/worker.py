@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from functools import partial
 from typing import Any
 
 from twisted.internet.task import LoopingCall
@@ -32,7 +33,7 @@ from twisted.python import usage
 from echotwist.logs import TextLogObserver
 from echotwist.metrics import COUNTS, SNAPSHOT_INTERVAL, SnapshotWriter
 from echotwist.reload import Reloader
-from echotwist.service import EchoServerService, Options, build_site
+from echotwist.service import EchoServerService, Options, build_site, context_factory_for
 from echotwist.workers import LOG_RELAY, LOG_TEXT, AdoptedTLSServerEndpoint
 
 #: How often a worker checks that its parent is still there.
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     family = probe.family
     probe.close()
     os.set_inheritable(fd, False)
-    reloader = Reloader.from_options(options)
+    reloader = Reloader.from_options(options, partial(context_factory_for, options))
     endpoint = AdoptedTLSServerEndpoint(reactor, fd, family, reloader.context_factory)
     site = build_site(options, worker=os.getpid(), checker=reloader.checker)
     server = EchoServerService(
