@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from echotwist.limits import Deadline, FailureLimiter, Limits, limits_of
+from echotwist.metrics import COUNTS
 from echotwist.peers import describe_peer, peer_host
 from echotwist.tokens import TokenChecker, presented_token
 
@@ -99,7 +100,12 @@ def http_date() -> bytes:
 
 
 def refusal_body(status: int) -> bytes:
-    """The one-line body that goes with a refusal status."""
+    """
+    The one-line body that goes with a refusal status.  Every refusal that
+    is answered gets its body here, from the Request or the channel below
+    it, so this is where refusals are counted (L{echotwist.metrics}).
+    """
+    COUNTS.refused(status)
     return _REASONS.get(status, b"error\n")
 
 

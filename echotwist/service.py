@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echotwist import certs, limits, logs, startup, tls, tokens, transport
+from echotwist import admin, certs, limits, logs, reload, startup, tls, tokens, transport
+from echotwist.admin import DEFAULT_ADMIN_INTERFACE
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -60,15 +63,22 @@ def _workers(value: str) -> int:
     return number
 
 
-def _interface(value: str) -> str:
-    """C{--interface}: an IP address, checked here rather than by a failing bind."""
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise usage.UsageError(
-            f"--interface must be an IP address such as 127.0.0.1 or ::, not {value!r}"
-        ) from None
-    return value
+def _ip_address(flag: str) -> Callable[[str], str]:
+    """A coercer for an address flag: an IP address, checked here rather than by a failing bind."""
+
+    def coerce(value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise usage.UsageError(
+                f"{flag} must be an IP address such as 127.0.0.1 or ::, not {value!r}"
+            ) from None
+        return value
+
+    return coerce
+
+
+_interface = _ip_address("--interface")
 
 
 def _rate(value: str) -> float:
@@ -185,6 +195,29 @@ class Options(usage.Options):
             "per CPU (default 1: this process serves).",
             _workers,
         ],
+        # -- operating it: the admin port and SIGHUP reloads (issue 15) --
+        [
+            "admin-port",
+            None,
+            None,
+            "Also serve /healthz, /readyz and /metrics in plain HTTP on this port "
+            "(off unless given; 0 picks a free one). Never the echo, never the token.",
+            whole_number("--admin-port"),
+        ],
+        [
+            "admin-interface",
+            None,
+            DEFAULT_ADMIN_INTERFACE,
+            "Address of the admin port (loopback by default: it is for operators).",
+            _ip_address("--admin-interface"),
+        ],
+        [
+            "token-from",
+            None,
+            None,
+            "Read the token from this file, at start and again on SIGHUP (a mounted "
+            "Secret); overrides ECHOTWIST_TOKEN.",
+        ],
     ]
 
     #: The usage error parsing met, if any (see L{getUsage}).
@@ -231,10 +264,11 @@ class Options(usage.Options):
         )
         if (self["cert"] is None) != (self["key"] is None):
             raise usage.UsageError("--cert and --key go together")
+        check_operating_options(self)
         try:
-            self["token"] = tokens.server_token()
-        except tokens.TokenError as e:
-            raise usage.UsageError(str(e)) from None
+            self["token"] = tokens.server_token(token_from=self["token-from"])
+        except (tokens.TokenError, OSError) as e:
+            raise usage.UsageError(reload.token_problem(e)) from None
         if self["token-file"]:
             try:
                 tokens.write_token_file(self["token-file"], self["token"])
@@ -254,7 +288,7 @@ class Options(usage.Options):
         except tls.PEMPairError as e:
             raise usage.UsageError(str(e)) from None
         try:
-            self["context-factory"] = tls.server_context_factory(self["cert"], self["key"])
+            self["context-factory"] = context_factory_for(self)
         except Exception as e:  # pyOpenSSL raises its own Error with a tuple
             raise usage.UsageError(
                 f"cannot load --cert {self['cert']} / --key {self['key']}: {e}"
@@ -278,8 +312,11 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         reactor: Any = None,
         terminal: Terminal | None = None,
         token: str = "",
+        on_sighup: Callable[[], object] | None = None,
     ) -> None:
+        """@param on_sighup: what SIGHUP does while the service runs (a reload)."""
         super().__init__(endpoint, site)
+        self._on_sighup = on_sighup
         self._raiseSynchronously = True
         self._cafile = cafile
         self._site = site
@@ -317,6 +354,11 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
             self.log.info("clients should trust the CA file {cafile}", cafile=self._cafile)
         return port
 
+    def startService(self) -> None:
+        super().startService()
+        if self._on_sighup is not None:
+            reload.on_sighup(self._reactor, self._on_sighup)
+
     def stopService(self) -> Deferred[None]:
         """
         Stop accepting now; let open requests finish within the grace period.
@@ -346,13 +388,40 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         self.log.info("stopped: all connections closed ({aborted} cut)", aborted=aborted)
 
 
-def build_site(options: Options, worker: int | None = None) -> EchoSite:
-    """The site described by the options: one resource, the token check, the limits."""
+def context_factory_for(options: Options) -> tls.HardenedContextFactory:
+    """
+    The server's TLS context factory for the options' certificate and key:
+    made at start, and again by every SIGHUP reload (L{echotwist.reload}).
+    """
+    return tls.server_context_factory(options["cert"], options["key"])
+
+
+def check_operating_options(options: Options) -> None:
+    """The admin port and token-file flags make sense together, or a usage error."""
+    if options["admin-port"] is not None and options["admin-port"] > 65535:
+        raise usage.UsageError("--admin-port must be at most 65535")
+    if options["token-from"] is not None:
+        if options["token-file"]:
+            raise usage.UsageError(
+                "--token-from and --token-file: the token already lives in a file"
+            )
+        options["token-from"] = os.path.abspath(options["token-from"])
+
+
+def build_site(
+    options: Options, worker: int | None = None, checker: tokens.TokenChecker | None = None
+) -> EchoSite:
+    """
+    The site described by the options: one resource, the token check, the limits.
+
+    @param checker: the token check to use (one a SIGHUP can update), else a
+        new one for C{options["token"]}.
+    """
     rate: float = options["auth-fail-limit"]
     limiter = limits.FailureLimiter(rate) if rate > 0 else None
-    resource = EchoResource(
-        tokens.TokenChecker(options["token"]), max_body=options["max-body"], limiter=limiter
-    )
+    if checker is None:
+        checker = tokens.TokenChecker(options["token"])
+    resource = EchoResource(checker, max_body=options["max-body"], limiter=limiter)
     return EchoSite(resource, timeout=options["timeout"], limits=options["limits"], worker=worker)
 
 
@@ -370,22 +439,26 @@ def makeService(options: Options) -> service.IService:
 
         server = WorkerPool(options, reactor, terminal)
     else:
+        reloader = reload.Reloader.from_options(options, partial(context_factory_for, options))
         endpoint = transport.listen_tls(
             reactor,
             options["port"],
-            options["context-factory"],
+            reloader.context_factory,
             backlog=LISTEN_BACKLOG,
             interface=options["interface"],
         )
         server = EchoServerService(
             endpoint,
-            build_site(options),
+            build_site(options, checker=reloader.checker),
             options["cafile"],
             options["grace"],
             reactor,
             terminal,
             options["token"],
+            on_sighup=reloader.reload,
         )
-    # Both are logs.TwistdLogObserver services: twistd logs through this.
+    if options["admin-port"] is not None:
+        server = admin.with_admin(server, options, reactor, terminal)
+    # All are logs.TwistdLogObserver services: twistd logs through this.
     server.log_observer = logs.observer_for_twistd(options)
     return server

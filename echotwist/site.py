@@ -29,6 +29,7 @@ from echotwist.channel import EchoChannelProtocol, refused_protocol
 from echotwist.drain import ConnectionTracker
 from echotwist.limits import Limits
 from echotwist.logs import ACCESS_FORMAT, emit
+from echotwist.metrics import COUNTS
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
 
@@ -140,6 +141,7 @@ class EchoSite(server.Site):
         peer = describe_peer(request.getClientAddress())
         status = request.code
         bytes_out = request.sentLength
+        COUNTS.request_done(status, request.clientproto, body_in, bytes_out, duration_ms)
         emit(
             _access_log,
             LogLevel.info,

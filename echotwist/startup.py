@@ -52,8 +52,11 @@ class CannotStart(SystemExit, Exception):  # noqa: N818 -- it is an exit
         return "cannot start: see the line above"
 
 
-def listen_failure(interface: str, port: int, reason: BaseException) -> str:
-    """The one line that says why the server cannot listen on C{interface}:C{port}."""
+def listen_failure(interface: str, port: int, reason: BaseException, what: str = "") -> str:
+    """
+    The one line that says why the server cannot listen on C{interface}:C{port}
+    (C{what}: which listener, when it is not the echo port).
+    """
     while getattr(reason, "socketError", None) is not None:  # CannotListenError wraps it
         reason = reason.socketError  # type: ignore[attr-defined]
     if isinstance(reason, OSError):
@@ -61,7 +64,7 @@ def listen_failure(interface: str, port: int, reason: BaseException) -> str:
     else:
         why = str(reason)
     where = f"[{interface}]" if ":" in interface else interface
-    return f"echo: cannot listen on {where}:{port}: {why}"
+    return f"echo: cannot listen{' for ' + what if what else ''} on {where}:{port}: {why}"
 
 
 class Terminal:

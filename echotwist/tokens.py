@@ -60,21 +60,32 @@ def token_from_environment(environ: Mapping[str, str] | None = None) -> str | No
     return validate_token(value, ENV_VAR)
 
 
-def server_token(environ: Mapping[str, str] | None = None) -> str:
+def server_token(
+    environ: Mapping[str, str] | None = None, token_from: str | os.PathLike[str] | None = None
+) -> str:
     """
-    The token a starting server uses: the shared one from the environment, else
-    new.  A shared one shorter than L{MIN_TOKEN_LENGTH} is refused: a server
-    must not start with a credential that can be guessed.
+    The token a starting server uses: the one in the file C{token_from}
+    (C{--token-from}), else the shared one from the environment, else new.
+    A given one shorter than L{MIN_TOKEN_LENGTH} is refused: a server must
+    not start with a credential that can be guessed.
+
+    @raise OSError: C{token_from} cannot be read.
     """
+    if token_from is not None:
+        return _long_enough(read_token_file(token_from), f"token file {token_from}")
     shared = token_from_environment(environ)
     if shared is None:
         return generate_token()
-    if len(shared) < MIN_TOKEN_LENGTH:
+    return _long_enough(shared, ENV_VAR)
+
+
+def _long_enough(token: str, source: str) -> str:
+    if len(token) < MIN_TOKEN_LENGTH:
         raise TokenError(
-            f"{ENV_VAR} is {len(shared)} characters; a server token needs at least "
+            f"{source} is {len(token)} characters; a server token needs at least "
             f"{MIN_TOKEN_LENGTH} (e.g. openssl rand -hex 20)"
         )
-    return shared
+    return token
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:
@@ -130,6 +141,13 @@ class TokenChecker:
     """Decides whether a request carries the server's token, in constant time."""
 
     def __init__(self, token: str) -> None:
+        self._expected = token.encode("ascii")
+
+    def replace(self, token: str) -> None:
+        """
+        Check for C{token} from now on (a SIGHUP reload): a request whose
+        headers are already in was judged by the old one.
+        """
         self._expected = token.encode("ascii")
 
     def matches(self, presented: bytes | None) -> bool:

@@ -55,6 +55,8 @@ from twisted.python.failure import Failure
 from zope.interface import classImplements, implementedBy, implementer
 from zope.interface.interface import Method
 
+from echotwist.metrics import COUNTS, handshake_failure_reason
+
 #: Bytes the TCP transport asks the kernel for per read (Twisted's default is
 #: 64 KiB): a 1 MiB body arrives in a few reactor turns instead of 16+.
 READ_SIZE = 256 * 1024
@@ -221,6 +223,24 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         self._ssl = tls._ssl
         self._into_ssl = tls._into_ssl
         self._from_ssl = tls._from_ssl
+
+    # -- handshakes, counted by the server (echotwist.metrics) ----------------
+
+    #: Steps of the handshake taken so far; 0 once it is counted, or on a client.
+    _handshake_steps = 0
+
+    def _checkHandshakeStatus(self) -> None:
+        """Twisted's handshake step (at connect, then per read until done), counted."""
+        super()._checkHandshakeStatus()
+        if not self._bulk_factory.server_side or self._handshake_steps < 0:
+            return
+        self._handshake_steps += 1
+        if self._handshakeDone:
+            COUNTS.handshake_done()
+            self._handshake_steps = -1
+        elif self._lostTLSConnection:
+            COUNTS.handshake_failed(handshake_failure_reason(self._reason))
+            self._handshake_steps = -1
 
     # -- in -----------------------------------------------------------------
 
@@ -447,6 +467,11 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         super()._flushSendBIO()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._handshake_steps > 1 and not self._handshakeDone:
+            # The client sent part of a handshake and left (or timed out): a
+            # connect-and-close probe, which sends nothing, is not counted.
+            COUNTS.handshake_failed("closed")
+        self._handshake_steps = -1
         super().connectionLost(reason)
         # Nothing is sent any more (connectionLost above may have delivered a
         # last read, and its answer may be waiting).
@@ -502,6 +527,8 @@ class BulkTLSFactory(TLSMemoryBIOFactory):
 
     protocol = BulkTLSProtocol
     clock: IReactorTime | None = None
+    #: Whether this factory serves (its handshakes are counted) or connects.
+    server_side = True
     _end_of_turn: EndOfTurnSender | None = None
 
     @property
@@ -530,6 +557,7 @@ def tls_factory(
     """
     factory = BulkTLSFactory(context_factory, client, wrapped)
     factory.clock = clock
+    factory.server_side = not client
     return factory
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from functools import partial
 from typing import Any
 
 from twisted.internet.task import LoopingCall
@@ -30,7 +31,9 @@ from twisted.logger import (
 from twisted.python import usage
 
 from echotwist.logs import TextLogObserver
-from echotwist.service import EchoServerService, Options, build_site
+from echotwist.metrics import COUNTS, SNAPSHOT_INTERVAL, SnapshotWriter
+from echotwist.reload import Reloader
+from echotwist.service import EchoServerService, Options, build_site, context_factory_for
 from echotwist.workers import LOG_RELAY, LOG_TEXT, AdoptedTLSServerEndpoint
 
 #: How often a worker checks that its parent is still there.
@@ -47,6 +50,7 @@ class WorkerOptions(Options):
         ["fd", None, None, "The inherited listening socket's file descriptor.", int],
         ["parent", None, None, "The supervising parent's pid.", int],
         ["log-to", None, LOG_RELAY, f"{LOG_TEXT}: twistd's text lines; {LOG_RELAY}: events."],
+        ["metrics-dir", None, None, "Write this worker's metrics snapshots here (--admin-port)."],
     ]
 
     def postOptions(self) -> None:
@@ -93,12 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     family = probe.family
     probe.close()
     os.set_inheritable(fd, False)
-    endpoint = AdoptedTLSServerEndpoint(reactor, fd, family, options["context-factory"])
-    site = build_site(options, worker=os.getpid())
-    server = EchoServerService(endpoint, site, None, options["grace"], reactor)
+    reloader = Reloader.from_options(options, partial(context_factory_for, options))
+    endpoint = AdoptedTLSServerEndpoint(reactor, fd, family, reloader.context_factory)
+    site = build_site(options, worker=os.getpid(), checker=reloader.checker)
+    server = EchoServerService(
+        endpoint, site, None, options["grace"], reactor, on_sighup=reloader.reload
+    )
     server.privilegedStartService()
     server.startService()
     reactor.addSystemEventTrigger("before", "shutdown", server.stopService)
+    if options["metrics-dir"] is not None:
+        COUNTS.watch(site)
+        snapshots = SnapshotWriter(options["metrics-dir"])
+        LoopingCall(snapshots.write).start(SNAPSHOT_INTERVAL, now=True)
+        # The last one once the drain is over, so nothing is missing at the end.
+        reactor.addSystemEventTrigger("after", "shutdown", snapshots.write)
 
     watch = LoopingCall(_watch_parent, options["parent"], reactor)
     watch.start(PARENT_CHECK_INTERVAL, now=False)

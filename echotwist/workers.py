@@ -41,6 +41,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -53,7 +54,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotwist import startup, tokens
+from echotwist import reload, startup, tokens
 from echotwist.logs import STDOUT, TextLogObserver, TwistdLogObserver, twistd_log_target
 from echotwist.transport import TLSServerEndpoint
 
@@ -118,7 +119,9 @@ class AdoptedTLSServerEndpoint:
 
 #: Options the parent resolves itself and hands over in its own form (the
 #: socket, absolute certificate paths) or that only the parent acts on.
-_PARENT_ONLY = frozenset({"port", "cert", "key", "cert-dir", "token-file", "workers"})
+_PARENT_ONLY = frozenset(
+    {"port", "cert", "key", "cert-dir", "token-file", "workers", "admin-port", "admin-interface"}
+)
 
 
 class WorkerProcess(ProcessProtocol):
@@ -223,6 +226,10 @@ class WorkerPool(TwistdLogObserver, service.Service):
         self._delay = MIN_RESTART_DELAY
         self._next_slot = 0
         self._shared_stdout = twistd_logs_to_stdout(options)
+        #: Workers that died and were replaced (a metric).
+        self.restarts = 0
+        #: Where workers write their metrics snapshots (C{--admin-port}), if anywhere.
+        self.metrics_dir: Path | None = None
 
     # -- start ----------------------------------------------------------------
 
@@ -254,6 +261,13 @@ class WorkerPool(TwistdLogObserver, service.Service):
         super().startService()
         for _ in range(self.count):
             self._spawn()
+        reload.on_sighup(self._reactor, self.forward_sighup)
+
+    def forward_sighup(self) -> None:
+        """SIGHUP: every worker reloads its certificate and token itself."""
+        self.log.info("SIGHUP: asking {count} worker(s) to reload", count=len(self.workers))
+        for worker in list(self.workers):
+            _signal(worker, "HUP")
 
     def _log_route(self) -> tuple[str, int | str, TextLogObserver | None]:
         """
@@ -286,6 +300,8 @@ class WorkerPool(TwistdLogObserver, service.Service):
             "--log-to",
             log_to,
         ]
+        if self.metrics_dir is not None:
+            argv += ["--metrics-dir", str(self.metrics_dir)]
         # Every other option of twistd echo (limits, deadlines, grace...) goes
         # to each worker as the parent resolved it, so none can be forgotten.
         for name, *_ in type(o).optParameters:
@@ -325,6 +341,7 @@ class WorkerPool(TwistdLogObserver, service.Service):
             self._delay = MIN_RESTART_DELAY
         delay = self._delay
         self._delay = min(self._delay * 2, MAX_RESTART_DELAY)
+        self.restarts += 1
         self.log.error(
             "worker {worker} died ({status}) after {lived:.1f}s; starting a new one in {delay}s",
             worker=worker.pid,
