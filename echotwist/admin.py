@@ -172,7 +172,7 @@ def with_admin(server: Any, options: Any, reactor: Any, terminal: Terminal | Non
             lambda: pool.restarts,
         )
     else:
-        metrics.COUNTS.watch(server.factory)
+        metrics.COUNTS.watch(server.site)
         collector = metrics.MetricsCollector(metrics.own_sources)
     return AdminService(
         server,

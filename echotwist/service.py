@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import error, interfaces
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from echotwist import admin, certs, limits, logs, reload, startup, tls, tokens, transport
 from echotwist.admin import DEFAULT_ADMIN_INTERFACE
@@ -295,7 +295,7 @@ class Options(usage.Options):
             ) from None
 
 
-class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
+class EchoServerService(logs.TwistdLogObserver, service.Service):
     """
     Listens when twistd starts services, and says where; on stop, stops
     listening and drains the site's connections within the grace period.
@@ -315,9 +315,10 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         on_sighup: Callable[[], object] | None = None,
     ) -> None:
         """@param on_sighup: what SIGHUP does while the service runs (a reload)."""
-        super().__init__(endpoint, site)
+        self.endpoint = endpoint
+        #: The site it listens with (the metrics watch its connections).
+        self.site = site
         self._on_sighup = on_sighup
-        self._raiseSynchronously = True
         self._cafile = cafile
         self._site = site
         self._grace = grace
@@ -329,18 +330,31 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         self._reactor = reactor
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except error.CannotListenError as e:
-            if self._terminal is None:
-                raise
-            raise self._terminal.failed(
-                startup.listen_failure(e.interface or "::", e.port, e)
-            ) from None
+        """
+        Listen now, while twistd may still hold privileges, and fail now: a
+        port that cannot be bound is one line and exit status 1 before the
+        token is printed (L{echotwist.startup}).  Every endpoint the server
+        uses (TCP, TLS over TCP, an inherited socket) listens synchronously.
+        """
+        super().privilegedStartService()
+        if self._port is not None:
+            return
+        outcome: list[interfaces.IListeningPort | Failure] = []
+        self.endpoint.listen(self._site).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"{self.endpoint!r} did not listen synchronously")
+        (result,) = outcome
+        if isinstance(result, Failure):
+            e = result.value
+            if isinstance(e, error.CannotListenError) and self._terminal is not None:
+                raise self._terminal.failed(
+                    startup.listen_failure(e.interface or "::", e.port, e)
+                ) from None
+            result.raiseException()
+        assert not isinstance(result, Failure)
         if self._terminal is not None:
             self._terminal.started(self._token, self._cafile)
-        assert self._waitingForPort is not None
-        self._waitingForPort.addCallback(self._announce)
+        self._announce(result)
 
     def _announce(self, port: interfaces.IListeningPort) -> interfaces.IListeningPort:
         self._port = port
@@ -355,6 +369,8 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         return port
 
     def startService(self) -> None:
+        if self._port is None:
+            self.privilegedStartService()
         super().startService()
         if self._on_sighup is not None:
             reload.on_sighup(self._reactor, self._on_sighup)
@@ -383,7 +399,11 @@ class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
         return Deferred.fromCoroutine(self._stop(tracker))
 
     async def _stop(self, tracker: ConnectionTracker) -> None:
-        await super().stopService()
+        super().stopService()
+        port, self._port = self._port, None
+        stopped = port.stopListening() if port is not None else None
+        if stopped is not None:
+            await stopped
         aborted = await tracker.drain(self._grace, self._reactor)
         self.log.info("stopped: all connections closed ({aborted} cut)", aborted=aborted)
 

@@ -16,7 +16,12 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
-from twisted.web._newclient import _WrapperException
+from twisted.web.client import (
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 
 from echotwist.tls import CertificateRejectedError
 
@@ -93,9 +98,18 @@ class BadResponseError(Exception):
     """The server answered with something that is not a well-formed HTTP/1.1 response."""
 
 
+#: Agent's exceptions that wrap the real reasons (a list of Failures in C{reasons}).
+_WRAPPERS = (
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     """Unwrap Agent's wrapper exceptions down to the underlying reasons."""
-    if isinstance(exc, _WrapperException):
+    if isinstance(exc, _WRAPPERS):
         found: list[BaseException] = []
         for reason in exc.reasons:
             inner = reason.value if isinstance(reason, Failure) else reason
