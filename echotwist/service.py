@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import error, interfaces
@@ -33,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echotwist import certs, limits, logs, startup, tls, tokens, transport
+from echotwist import certs, limits, logs, mtls, startup, tls, tokens, transport
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -185,6 +187,31 @@ class Options(usage.Options):
             "per CPU (default 1: this process serves).",
             _workers,
         ],
+        # -- client certificates and the PROXY protocol (echotwist.mtls, echotwist.proxy)
+        [
+            "client-ca",
+            None,
+            None,
+            "Ask clients for a certificate and verify it against the CA certificate(s) "
+            "in this PEM file (e.g. certs/ca.pem, which issues certs/client.pem).",
+        ],
+        [
+            "auth",
+            None,
+            mtls.TOKEN,
+            "What a request needs: token (the token; a client certificate is optional), "
+            "mtls (a client certificate signed by --client-ca, no token) or both.",
+            mtls.auth_mode,
+        ],
+    ]
+    optFlags: list[list[Any]] = [
+        [
+            "proxy-protocol",
+            None,
+            "Every connection starts with a PROXY protocol header (v1 or v2, from a load "
+            "balancer such as HAProxy's send-proxy-v2): logs and limits see the client "
+            "address it names; a connection without a valid one is closed.",
+        ],
     ]
 
     #: The usage error parsing met, if any (see L{getUsage}).
@@ -253,12 +280,32 @@ class Options(usage.Options):
             tls.check_pem_pair(self["cert"], self["key"])
         except tls.PEMPairError as e:
             raise usage.UsageError(str(e)) from None
+        client_auth = self._client_auth()
         try:
-            self["context-factory"] = tls.server_context_factory(self["cert"], self["key"])
+            self["context-factory"] = tls.server_context_factory(
+                self["cert"], self["key"], client_auth
+            )
         except Exception as e:  # pyOpenSSL raises its own Error with a tuple
             raise usage.UsageError(
                 f"cannot load --cert {self['cert']} / --key {self['key']}: {e}"
             ) from None
+
+    def _client_auth(self) -> Callable[[SSL.Context], None] | None:
+        """C{--client-ca} and C{--auth}: how the TLS context verifies clients, if it does."""
+        if self["client-ca"] is None:
+            if self["auth"] != mtls.TOKEN:
+                raise usage.UsageError(
+                    f"--auth {self['auth']} needs --client-ca FILE "
+                    "(the CA that signs the client certificates)"
+                )
+            return None
+        try:
+            cas = mtls.load_client_ca(self["client-ca"])
+        except mtls.ClientCAError as e:
+            raise usage.UsageError(str(e)) from None
+        # Workers are handed the path and may not share our directory.
+        self["client-ca"] = os.path.abspath(self["client-ca"])
+        return mtls.client_verification(cas, required=self["auth"] != mtls.TOKEN)
 
 
 class EchoServerService(logs.TwistdLogObserver, StreamServerEndpointService):
@@ -350,10 +397,11 @@ def build_site(options: Options, worker: int | None = None) -> EchoSite:
     """The site described by the options: one resource, the token check, the limits."""
     rate: float = options["auth-fail-limit"]
     limiter = limits.FailureLimiter(rate) if rate > 0 else None
-    resource = EchoResource(
-        tokens.TokenChecker(options["token"]), max_body=options["max-body"], limiter=limiter
-    )
-    return EchoSite(resource, timeout=options["timeout"], limits=options["limits"], worker=worker)
+    checker = mtls.request_checker(options["auth"], options["token"])
+    resource = EchoResource(checker, max_body=options["max-body"], limiter=limiter)
+    site = EchoSite(resource, timeout=options["timeout"], limits=options["limits"], worker=worker)
+    site.client_subjects = options["client-ca"] is not None
+    return site
 
 
 def makeService(options: Options) -> service.IService:

@@ -59,3 +59,17 @@ def outbound_bytes(connection: Any) -> bytearray:
 def stream_closed_by(connection: Any, stream_id: int) -> Any:
     """How h2's C{connection} says C{stream_id} was closed: a L{StreamClosedBy} or C{None}."""
     return getattr(connection, STREAM_CLOSED_BY)(stream_id)
+
+
+# -- Twisted -----------------------------------------------------------------
+
+#: An HTTP/2 stream's connection (twisted.web._http2.H2Stream, private): a
+#: stream has no transport of its own (C{transport = None}), and the access
+#: line asks the connection's TLS transport for the client's certificate
+#: (L{echotwist.mtls}).
+H2_STREAM_CONNECTION = "_conn"
+
+
+def h2_stream_connection(stream: Any) -> Any:
+    """The L{H2Connection} an HTTP/2 stream belongs to, or L{None} for anything else."""
+    return getattr(stream, H2_STREAM_CONNECTION, None)

@@ -59,3 +59,18 @@ class H2NamesTests(TestCase):
         self.assertIsNone(upstream.stream_closed_by(conn, 1))
         conn.reset_stream(1, ErrorCodes.NO_ERROR)
         self.assertIs(upstream.stream_closed_by(conn, 1), upstream.StreamClosedBy.SEND_RST_STREAM)
+
+
+class TwistedNamesTests(TestCase):
+    def test_an_h2_stream_knows_its_connection(self) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web._http2 import H2Connection, H2Stream
+        from twisted.web.resource import Resource
+        from twisted.web.server import Request, Site
+
+        connection = H2Connection()
+        connection.makeConnection(StringTransport())
+        stream = H2Stream(1, connection, [], Request, Site(Resource()), None)
+        self.assertIs(upstream.h2_stream_connection(stream), connection)
+        self.assertIsNone(stream.transport)
+        self.assertIsNone(upstream.h2_stream_connection(object()))

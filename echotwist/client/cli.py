@@ -67,6 +67,8 @@ class ConnectionOptions(usage.Options):
             "Seconds allowed for the whole exchange.",
             seconds("--timeout"),
         ],
+        ["cert", None, None, "Client certificate to present, PEM (chain, leaf first), with --key."],
+        ["key", None, None, "PEM private key of --cert."],
     ]
 
     def postOptions(self) -> None:
@@ -91,8 +93,14 @@ class ConnectionOptions(usage.Options):
             raise usage.UsageError("--insecure and --cacert contradict each other")
         if self["cacert"] is None and not self["insecure"] and DEFAULT_CAFILE.exists():
             self["cacert"] = str(DEFAULT_CAFILE)
+        if (self["cert"] is None) != (self["key"] is None):
+            raise usage.UsageError("--cert and --key go together")
         try:
-            self["policy"] = tls.client_policy(self["cacert"], self["insecure"])
+            pair = None if self["cert"] is None else tls.load_client_pair(self["cert"], self["key"])
+        except tls.PEMPairError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            self["policy"] = tls.client_policy(self["cacert"], self["insecure"], pair)
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot use --cacert {self['cacert']}: {e}") from None
 

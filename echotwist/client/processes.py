@@ -71,6 +71,9 @@ def child_argv(options: Any, clients: int, requests: int | None) -> list[str]:
         argv.append("--insecure")
     elif options["cacert"] is not None:
         argv += ["--cacert", os.path.abspath(options["cacert"])]
+    if options["cert"] is not None:
+        argv += ["--cert", os.path.abspath(options["cert"])]
+        argv += ["--key", os.path.abspath(options["key"])]
     return argv
 
 
