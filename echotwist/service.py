@@ -424,6 +424,7 @@ def makeService(options: Options) -> service.IService:
             options["context-factory"],
             backlog=LISTEN_BACKLOG,
             interface=options["interface"],
+            proxy_protocol=options["proxy-protocol"],
         )
         server = EchoServerService(
             endpoint,

@@ -55,6 +55,8 @@ from twisted.python.failure import Failure
 from zope.interface import classImplements, implementedBy, implementer
 from zope.interface.interface import Method
 
+from echotwist.proxy import below_tls
+
 #: Bytes the TCP transport asks the kernel for per read (Twisted's default is
 #: 64 KiB): a 1 MiB body arrives in a few reactor turns instead of 16+.
 READ_SIZE = 256 * 1024
@@ -583,11 +585,17 @@ class TLSClientEndpoint:
 
 
 def listen_tls(
-    reactor: Any, port: int, context_factory: Any, backlog: int = 50, interface: str = ""
+    reactor: Any,
+    port: int,
+    context_factory: Any,
+    backlog: int = 50,
+    interface: str = "",
+    proxy_protocol: bool = False,
 ) -> TLSServerEndpoint:
-    """The endpoint C{SSL4ServerEndpoint(reactor, port, context_factory, ...)} would be."""
-    return TLSServerEndpoint(
-        endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface),
-        context_factory,
-        reactor,
-    )
+    """
+    The endpoint C{SSL4ServerEndpoint(reactor, port, context_factory, ...)} would
+    be; with C{proxy_protocol}, each connection's PROXY header is read below TLS
+    (L{echotwist.proxy}).
+    """
+    tcp = endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
+    return TLSServerEndpoint(below_tls(tcp, proxy_protocol), context_factory, reactor)

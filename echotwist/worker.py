@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     family = probe.family
     probe.close()
     os.set_inheritable(fd, False)
-    endpoint = AdoptedTLSServerEndpoint(reactor, fd, family, options["context-factory"])
+    endpoint = AdoptedTLSServerEndpoint(
+        reactor, fd, family, options["context-factory"], options["proxy-protocol"]
+    )
     site = build_site(options, worker=os.getpid())
     server = EchoServerService(endpoint, site, None, options["grace"], reactor)
     server.privilegedStartService()

@@ -55,6 +55,7 @@ from zope.interface import implementer
 
 from echotwist import startup, tokens
 from echotwist.logs import STDOUT, TextLogObserver, TwistdLogObserver, twistd_log_target
+from echotwist.proxy import below_tls
 from echotwist.transport import TLSServerEndpoint
 
 #: The fd number the listening socket has in every child.
@@ -107,9 +108,18 @@ def bind_listening_socket(interface: str, port: int, backlog: int) -> socket.soc
 class AdoptedTLSServerEndpoint:
     """Serve TLS on a listening socket this process inherited as a file descriptor."""
 
-    def __init__(self, reactor: Any, fileno: int, family: int, context_factory: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        fileno: int,
+        family: int,
+        context_factory: Any,
+        proxy_protocol: bool = False,
+    ) -> None:
+        """@param proxy_protocol: read a PROXY header below TLS (L{echotwist.proxy})."""
+        adopted = AdoptedStreamServerEndpoint(reactor, fileno, family)
         self._inner = TLSServerEndpoint(
-            AdoptedStreamServerEndpoint(reactor, fileno, family), context_factory, reactor
+            below_tls(adopted, proxy_protocol), context_factory, reactor
         )
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
@@ -293,6 +303,7 @@ class WorkerPool(TwistdLogObserver, service.Service):
             if name in _PARENT_ONLY or value is None:
                 continue
             argv += [f"--{name}", repr(value) if isinstance(value, float) else str(value)]
+        argv += [f"--{name}" for name, *_ in type(o).optFlags if o[name]]
         return argv
 
     def _spawn(self) -> None:
