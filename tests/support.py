@@ -101,6 +101,13 @@ def make_site(
     )
 
 
+class ClassCleanups:
+    """What the start helpers ask of a case, for a server shared by a class."""
+
+    def __init__(self, cls: type[TestCase]) -> None:
+        self.addCleanup = cls.addClassCleanup
+
+
 @dataclass
 class LiveServer:
     """A real echotwist site behind real TLS on 127.0.0.1:port."""

@@ -104,7 +104,7 @@ class ConnectionOptions(usage.Options):
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot use --cacert {self['cacert']}: {e}") from None
 
-    def _resolve_token(self) -> str:
+    def _resolve_token(self) -> str | None:
         try:
             if self["token"] is not None:
                 return tokens.validate_token(self["token"], "--token")
@@ -115,8 +115,12 @@ class ConnectionOptions(usage.Options):
             raise usage.UsageError(f"cannot read --token-file: {e.strerror or e}") from None
         except tokens.TokenError as e:
             raise usage.UsageError(str(e)) from None
-        if from_env is None:
-            raise usage.UsageError(f"no token: give --token, --token-file or set {tokens.ENV_VAR}")
+        if from_env is None and self["cert"] is None:
+            raise usage.UsageError(
+                f"no token: give --token, --token-file or set {tokens.ENV_VAR} "
+                "(or, for a server with --auth mtls, only --cert and --key)"
+            )
+        # None: a client certificate alone (--auth mtls); no Token header is sent.
         return from_env
 
 

@@ -153,7 +153,9 @@ class Children:
         requests: int | None = options["requests"]
         client_shares = shares(clients, processes)
         request_shares = shares(requests, processes) if requests is not None else None
-        env = {**os.environ, tokens.ENV_VAR: options["token"]}
+        env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+        if options["token"] is not None:  # None: a client certificate alone
+            env[tokens.ENV_VAR] = options["token"]
         children = self._children
         for i, share in enumerate(client_shares):
             child = _Child(self._stderr)
