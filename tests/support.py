@@ -395,7 +395,7 @@ def start_twistd(
     except AssertionError:
         server.stop(signal.SIGKILL)
         raise AssertionError("twistd did not start:\n" + server.text) from None
-    _handshake(server.port, server.cafile)
+    _handshake(server.port, server.cafile, proxy="--proxy-protocol" in args)
     return server
 
 
@@ -656,15 +656,22 @@ def start_daemon(case: TestCase, *args: str, deadline: float = 30.0) -> Daemon:
     return daemon
 
 
-def _handshake(port: int, cafile: Path) -> None:
+def _handshake(port: int, cafile: Path, proxy: bool = False) -> None:
     """
     Complete one TLS handshake: the port is logged before twistd's reactor
     runs (and installs its SIGTERM handler), a handshake needs it running.
+    With C{proxy}, after a PROXY v1 header (C{--proxy-protocol}; Twisted's parser
+    refuses the short C{PROXY UNKNOWN} line, so it names this connection).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # a liveness probe; verification is tested elsewhere
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if proxy:
+        local, peer = raw.getsockname(), raw.getpeername()
+        raw.sendall(
+            b"PROXY TCP4 %s %s %d %d\r\n" % (local[0].encode(), peer[0].encode(), local[1], peer[1])
+        )
     context.wrap_socket(raw).close()
 
 
