@@ -251,6 +251,23 @@ def curl_from_port(url: str, token: str, cafile: Path) -> int:
 class HAProxyTests(TestCase):
     """A real HAProxy with send-proxy-v2 in front of two C{--proxy-protocol} instances."""
 
+    def test_the_example_configuration_is_valid_and_sends_proxy_v2(self) -> None:
+        config = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+        done = subprocess.run(
+            [need_command("haproxy"), "-c", "-f", str(config)],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        servers = [line.split() for line in config.read_text().splitlines()]
+        servers = [words for words in servers if words[:1] == ["server"]]
+        self.assertEqual(len(servers), 2)
+        for words in servers:
+            self.assertIn("send-proxy-v2", words)
+            self.assertIn("port", words)  # checks go to the admin port
+        self.assertIn("option httpchk GET /readyz", config.read_text())
+
     REQUESTS = 1000
     CLIENTS = 20
 
