@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 
-from echotwist import certs, limits, logs, mtls, startup, tls, tokens, transport
+from echotwist import certs, limits, logs, mtls, proxy, startup, tls, tokens, transport
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
 from echotwist.resource import DEFAULT_MAX_BODY, EchoResource
@@ -424,7 +424,7 @@ def makeService(options: Options) -> service.IService:
             options["context-factory"],
             backlog=LISTEN_BACKLOG,
             interface=options["interface"],
-            proxy_protocol=options["proxy-protocol"],
+            protocol=proxy.tls_protocol(options["proxy-protocol"]),
         )
         server = EchoServerService(
             endpoint,

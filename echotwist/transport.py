@@ -55,8 +55,6 @@ from twisted.python.failure import Failure
 from zope.interface import classImplements, implementedBy, implementer
 from zope.interface.interface import Method
 
-from echotwist.proxy import below_tls
-
 #: Bytes the TCP transport asks the kernel for per read (Twisted's default is
 #: 64 KiB): a 1 MiB body arrives in a few reactor turns instead of 16+.
 READ_SIZE = 256 * 1024
@@ -524,14 +522,18 @@ def tls_factory(
     wrapped: IProtocolFactory,
     clock: IReactorTime | None = None,
     client: bool = False,
+    protocol: type[BulkTLSProtocol] | None = None,
 ) -> BulkTLSFactory:
     """
     TLS around C{wrapped}, with the context C{context_factory} gives (a
     connection creator for a C{client}); C{clock} is the reactor whose turns
-    small writes wait for.
+    small writes wait for; C{protocol}, a subclass of L{BulkTLSProtocol} to
+    use instead (L{echotwist.proxy}).
     """
     factory = BulkTLSFactory(context_factory, client, wrapped)
     factory.clock = clock
+    if protocol is not None:
+        factory.protocol = protocol
     return factory
 
 
@@ -547,14 +549,23 @@ class TLSServerEndpoint:
         tcp: interfaces.IStreamServerEndpoint,
         context_factory: Any,
         clock: IReactorTime | None = None,
+        protocol: type[BulkTLSProtocol] | None = None,
     ) -> None:
-        """@param clock: the reactor C{tcp} listens on (the global one if L{None})."""
+        """
+        @param clock: the reactor C{tcp} listens on (the global one if L{None}).
+        @param protocol: a subclass of L{BulkTLSProtocol} to serve connections
+            with instead (L{echotwist.proxy}).
+        """
         self._tcp = tcp
         self._context_factory = context_factory
         self._clock = clock
+        self._protocol = protocol
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._tcp.listen(tls_factory(self._context_factory, protocolFactory, self._clock))
+        factory = tls_factory(
+            self._context_factory, protocolFactory, self._clock, protocol=self._protocol
+        )
+        return self._tcp.listen(factory)
 
 
 @implementer(interfaces.IStreamClientEndpoint)
@@ -590,12 +601,11 @@ def listen_tls(
     context_factory: Any,
     backlog: int = 50,
     interface: str = "",
-    proxy_protocol: bool = False,
+    protocol: type[BulkTLSProtocol] | None = None,
 ) -> TLSServerEndpoint:
     """
     The endpoint C{SSL4ServerEndpoint(reactor, port, context_factory, ...)} would
-    be; with C{proxy_protocol}, each connection's PROXY header is read below TLS
-    (L{echotwist.proxy}).
+    be; C{protocol}: another TLS transport class (L{echotwist.proxy}).
     """
     tcp = endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
-    return TLSServerEndpoint(below_tls(tcp, proxy_protocol), context_factory, reactor)
+    return TLSServerEndpoint(tcp, context_factory, reactor, protocol)

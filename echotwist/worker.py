@@ -30,6 +30,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from echotwist.logs import TextLogObserver
+from echotwist.proxy import tls_protocol
 from echotwist.service import EchoServerService, Options, build_site
 from echotwist.workers import LOG_RELAY, LOG_TEXT, AdoptedTLSServerEndpoint
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     probe.close()
     os.set_inheritable(fd, False)
     endpoint = AdoptedTLSServerEndpoint(
-        reactor, fd, family, options["context-factory"], options["proxy-protocol"]
+        reactor, fd, family, options["context-factory"], tls_protocol(options["proxy-protocol"])
     )
     site = build_site(options, worker=os.getpid())
     server = EchoServerService(endpoint, site, None, options["grace"], reactor)

@@ -55,8 +55,7 @@ from zope.interface import implementer
 
 from echotwist import startup, tokens
 from echotwist.logs import STDOUT, TextLogObserver, TwistdLogObserver, twistd_log_target
-from echotwist.proxy import below_tls
-from echotwist.transport import TLSServerEndpoint
+from echotwist.transport import BulkTLSProtocol, TLSServerEndpoint
 
 #: The fd number the listening socket has in every child.
 CHILD_FD = 3
@@ -114,13 +113,11 @@ class AdoptedTLSServerEndpoint:
         fileno: int,
         family: int,
         context_factory: Any,
-        proxy_protocol: bool = False,
+        protocol: type[BulkTLSProtocol] | None = None,
     ) -> None:
-        """@param proxy_protocol: read a PROXY header below TLS (L{echotwist.proxy})."""
+        """@param protocol: another TLS transport class (L{echotwist.proxy})."""
         adopted = AdoptedStreamServerEndpoint(reactor, fileno, family)
-        self._inner = TLSServerEndpoint(
-            below_tls(adopted, proxy_protocol), context_factory, reactor
-        )
+        self._inner = TLSServerEndpoint(adopted, context_factory, reactor, protocol)
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self._inner.listen(protocolFactory)

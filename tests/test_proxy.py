@@ -18,6 +18,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -63,10 +64,19 @@ def v2_header(source: str, port: int, destination: str = "127.0.0.1", to_port: i
     return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
 
 
+class SplitHeader(bytes):
+    """A header sent in two writes, a pause between them (two reads for the server)."""
+
+
 def proxied_exchange(port: int, header: bytes, token: str, body: bytes = b"hi") -> bytes:
     """Blocking: the header, then TLS and one echo request on it; the raw answer."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
+        if isinstance(header, SplitHeader):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.sendall(header[:10])
+            time.sleep(0.2)
+            header = header[10:]
         raw.sendall(header)
         with client_tls_context().wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(raw_request(body, token))
@@ -112,6 +122,12 @@ class ProxyHeaderTests(TestCase):
         answer = await self.exchange(v1_header("203.0.113.7", 51234))
         self.assertEqual(parse_response(answer).body, b"hi")
         self.server.wait_for(r"\] 203\.0\.113\.7:51234 POST /echo 200 ")
+
+    async def test_a_v1_header_split_over_two_reads(self) -> None:
+        header = v1_header("203.0.113.9", 2222)
+        answer = await self.exchange(SplitHeader(header))
+        self.assertEqual(parse_response(answer).status, 200)
+        self.server.wait_for(r"\] 203\.0\.113\.9:2222 POST /echo 200 ")
 
     async def test_a_v1_header_for_ipv6(self) -> None:
         answer = await self.exchange(v1_header("2001:db8::7", 40404, "::1"))
