@@ -32,8 +32,9 @@ shared machine's noise.
 
 As in Twisted's wrapper: v1 and v2 are told apart by their first bytes; a
 header that says C{LOCAL} (a v2 health check) or C{UNKNOWN} leaves the
-connection's own addresses; a connection whose first bytes are not a valid
-header is closed.  Without the flag nothing parses a header: one arriving is
+connection's own addresses (the short C{PROXY UNKNOWN} line, which Twisted's
+v1 parser refuses, is read here); a connection whose first bytes are not a
+valid header is closed.  Without the flag nothing parses a header: one arriving is
 not a TLS record, and the handshake fails as it does for any other garbage.
 """
 
@@ -43,6 +44,11 @@ from typing import Any
 
 from echotwist.transport import BulkTLSProtocol
 from echotwist.upstream import InvalidProxyHeader, ProxyV1Parser, ProxyV2Parser
+
+#: A v1 header for a connection the sender cannot describe, and the longest v1
+#: line (the spec's 107 bytes, CRLF included).
+_V1_UNKNOWN = b"PROXY UNKNOWN"
+_V1_MAX = 107
 
 
 class ProxiedTLSProtocol(BulkTLSProtocol):
@@ -78,6 +84,12 @@ class ProxiedTLSProtocol(BulkTLSProtocol):
                 and data[12] & 0xF0 == 0x20  # version 2
             ):
                 parser = ProxyV2Parser()
+            elif data.startswith(_V1_UNKNOWN) and b"\r\n" in data[:_V1_MAX]:
+                # The short form the spec allows ("the rest of the line may be
+                # omitted"), which Twisted's parser refuses: the connection's
+                # own addresses stand.
+                self._awaiting_header = False
+                return data.split(b"\r\n", 1)[1]
             elif len(data) >= 8 and data[:5] == ProxyV1Parser.PROXYSTR:
                 parser = ProxyV1Parser()
             else:

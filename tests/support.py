@@ -660,8 +660,8 @@ def _handshake(port: int, cafile: Path, proxy: bool = False) -> None:
     """
     Complete one TLS handshake: the port is logged before twistd's reactor
     runs (and installs its SIGTERM handler), a handshake needs it running.
-    With C{proxy}, after a PROXY v1 header (C{--proxy-protocol}; Twisted's parser
-    refuses the short C{PROXY UNKNOWN} line, so it names this connection).
+    With C{proxy}, after a PROXY v1 header naming this very connection
+    (C{--proxy-protocol}).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False

@@ -129,6 +129,11 @@ class ProxyHeaderTests(TestCase):
         self.assertEqual(parse_response(answer).status, 200)
         self.server.wait_for(r"\] 203\.0\.113\.9:2222 POST /echo 200 ")
 
+    async def test_the_short_unknown_line_keeps_the_connections_own_address(self) -> None:
+        answer = await self.exchange(b"PROXY UNKNOWN\r\n")
+        self.assertEqual(parse_response(answer).status, 200)
+        self.server.wait_for(r"\] 127\.0\.0\.1:\d+ POST /echo 200 ")
+
     async def test_a_v1_header_for_ipv6(self) -> None:
         answer = await self.exchange(v1_header("2001:db8::7", 40404, "::1"))
         self.assertEqual(parse_response(answer).status, 200)
