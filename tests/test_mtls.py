@@ -209,9 +209,18 @@ class MutualTLSOnlyTests(_SharedServer):
 
 
 class CertificateAndTokenTests(_SharedServer):
-    """C{--auth both}: the certificate gets through the handshake, the token past the door."""
+    """
+    C{--auth both}, served by workers: the certificate gets through the
+    handshake, the token past the door.
+    """
 
-    args = ("--auth", "both")
+    args = ("--auth", "both", "--workers", "2")
+
+    def test_curl_with_both_over_http2_through_a_worker(self) -> None:
+        out = curl_with_certificate(self, self.server, True, "-H", f"Token: {self.server.token}")
+        self.assertEqual(out, "hello 2 200")
+        line = self.server.wait_for(r"\[worker \d+\] .*POST /echo 200 in=5 .*").group(0)
+        self.assertTrue(line.endswith(DEV_SUBJECT), line)
 
     def test_certificate_and_token_are_verified(self) -> None:
         result = self.send("--message=both", *dev_client(), token=True)
