@@ -782,7 +782,7 @@ def self_signed_without_san(directory: Path, key) -> tuple[Path, Path]:
     import datetime
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -798,7 +798,14 @@ def self_signed_without_san(directory: Path, key) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = directory / "nosan.pem", directory / "nosan.key"
+    return write_pem_pair(directory, "nosan", cert, key)
+
+
+def write_pem_pair(directory: Path, name: str, cert, key) -> tuple[Path, Path]:
+    """Write C{cert} and C{key} as C{NAME.pem} and C{NAME.key} in C{directory}."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(

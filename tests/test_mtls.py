@@ -29,26 +29,12 @@ from tests.support import (
     run_client,
     scratch_dir,
     start_twistd,
+    write_pem_pair,
 )
 from tests.test_startup import run_twistd
 
 #: How the access line names the development client certificate.
 DEV_SUBJECT = f'client="CN={certs.CLIENT_NAME},O=echotwist development"'
-
-
-def _write_pair(
-    directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-):
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def client_certificate(
@@ -81,7 +67,7 @@ def client_certificate(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(signer, hashes.SHA256())
     )
-    return _write_pair(directory, name, cert, key)
+    return write_pem_pair(directory, name, cert, key)
 
 
 def dev_client() -> list[str]:

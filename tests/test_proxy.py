@@ -21,16 +21,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from twisted.internet import reactor
 from twisted.internet.address import IPv6Address
 from twisted.internet.threads import deferToThread
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from echotwist import tokens
 from echotwist.peers import describe_peer, peer_host
 from tests.support import (
-    CLIENT,
     ClassCleanups,
     Twistd,
     client_tls_context,
@@ -40,6 +37,7 @@ from tests.support import (
     parse_response,
     raw_request,
     recv_response,
+    run_client_async,
     scratch_dir,
     start_server,
     start_twistd,
@@ -309,24 +307,14 @@ class HAProxyTests(TestCase):
             line = rf"\] \[::1\]:{port} POST /echo 200 in=5 out=5 "
             await _eventually_logged(a, b, line)
 
-        out, err, code = await getProcessOutputAndValue(
-            CLIENT,
-            [
-                "load",
-                "--host",
-                url,
-                "--token",
-                token,
-                "--cacert",
-                str(a.cafile),
-                "--clients",
-                str(self.CLIENTS),
-                "--requests",
-                str(self.REQUESTS),
-                "--json",
-            ],
-            env={k: v for k, v in os.environ.items() if k != tokens.ENV_VAR},
-            reactor=reactor,
+        out, err, code = await run_client_async(
+            "load",
+            f"--host={url}",
+            f"--token={token}",
+            f"--cacert={a.cafile}",
+            f"--clients={self.CLIENTS}",
+            f"--requests={self.REQUESTS}",
+            "--json",
         )
         self.assertEqual(code, 0, err.decode())
         summary = json.loads(out)
