@@ -6,6 +6,11 @@ verify it properly (hostname included) rather than being taught C{--insecure}.
 So on first start the server makes a small private CA and a certificate for
 C{localhost}, C{127.0.0.1} and C{::1} signed by it, all ECDSA P-256, keys 0600.
 Clients trust C{ca.pem}; nothing here is ever committed.
+
+The same CA issues a client certificate (C{client.pem}, C{client.key}), so
+mutual TLS (C{--client-ca certs/ca.pem --auth mtls}) can be tried with no
+manual step either: C{echotwist-client --cert certs/client.pem --key
+certs/client.key}.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ BACKDATE = datetime.timedelta(minutes=5)
 #: The server certificate's whole validity, backdating included: at most 397
 #: days, what Apple's clients accept from a private CA (825 days was refused).
 SERVER_LIFETIME = datetime.timedelta(days=397)
+#: The development client certificate's subject (shown in access lines).
+CLIENT_NAME = "echotwist development client"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,14 @@ class CertPaths:
     @property
     def server_key(self) -> Path:
         return self.directory / "server.key"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.directory / "client.pem"
+
+    @property
+    def client_key(self) -> Path:
+        return self.directory / "client.key"
 
 
 def _now() -> datetime.datetime:
@@ -123,44 +138,84 @@ def _make_ca(paths: CertPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
     return cert, key
 
 
-def _make_server(
-    paths: CertPaths, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+def _issue(
+    cert_path: Path,
+    key_path: Path,
+    subject: x509.Name,
+    extensions: list[x509.ExtensionType],
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
 ) -> None:
+    """A leaf certificate with C{extensions}, signed by the CA, and its key (0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVER_NAMES]
-    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in SERVER_ADDRESSES]
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now - BACKDATE + SERVER_LIFETIME)
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
-    _write_private(paths.server_key, _key_pem(key))
-    _write_public(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _server_cert_usable(paths: CertPaths, ca_cert: x509.Certificate) -> bool:
+def _make_server(
+    paths: CertPaths, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVER_NAMES]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in SERVER_ADDRESSES]
+    _issue(
+        paths.server_cert,
+        paths.server_key,
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]),
+        [
+            x509.SubjectAlternativeName(alt_names),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+        ],
+        ca_cert,
+        ca_key,
+    )
+
+
+def _make_client(
+    paths: CertPaths, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
+) -> None:
+    _issue(
+        paths.client_cert,
+        paths.client_key,
+        x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "echotwist development"),
+                x509.NameAttribute(NameOID.COMMON_NAME, CLIENT_NAME),
+            ]
+        ),
+        [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])],
+        ca_cert,
+        ca_key,
+    )
+
+
+def _issued_usable(cert_path: Path, key_path: Path, ca_cert: x509.Certificate) -> bool:
     """
-    The existing server certificate is still signed by this CA, not expiring,
-    and no longer-lived than L{SERVER_LIFETIME} (one made by an older version is
-    re-issued).
+    The existing certificate at C{cert_path} is still signed by this CA, not
+    expiring, and no longer-lived than L{SERVER_LIFETIME} (one made by an older
+    version is re-issued).
     """
-    if not (paths.server_cert.exists() and paths.server_key.exists()):
+    if not (cert_path.exists() and key_path.exists()):
         return False
     try:
-        cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
         return False
@@ -171,11 +226,12 @@ def _server_cert_usable(paths: CertPaths, ca_cert: x509.Certificate) -> bool:
 
 def ensure_dev_certs(directory: str | os.PathLike[str]) -> CertPaths:
     """
-    Make sure C{directory} holds a development CA and a server certificate.
+    Make sure C{directory} holds a development CA, a server certificate and a
+    client certificate.
 
     Existing files are reused, so clients that already trust C{ca.pem} keep
-    working across restarts; a missing, expired or foreign server certificate
-    is re-issued from the CA.
+    working across restarts; a missing, expired or foreign server or client
+    certificate is re-issued from the CA.
     """
     paths = CertPaths(Path(directory))
     paths.directory.mkdir(parents=True, exist_ok=True)
@@ -187,6 +243,8 @@ def ensure_dev_certs(directory: str | os.PathLike[str]) -> CertPaths:
         ca_key = loaded
     else:
         ca_cert, ca_key = _make_ca(paths)
-    if not _server_cert_usable(paths, ca_cert):
+    if not _issued_usable(paths.server_cert, paths.server_key, ca_cert):
         _make_server(paths, ca_cert, ca_key)
+    if not _issued_usable(paths.client_cert, paths.client_key, ca_cert):
+        _make_client(paths, ca_cert, ca_key)
     return paths

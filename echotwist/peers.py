@@ -1,11 +1,12 @@
 """
 How a peer's address is shown in logs and keyed in limits: host and port for
 logs, host alone for per-peer limits, IPv4 clients of the dual-stack listener
-shown as IPv4.
+shown as IPv4, IPv6 in its one canonical spelling (RFC 5952).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 
@@ -16,6 +17,14 @@ def peer_host(address: Any) -> str:
         return str(address)
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:") :]
+    elif ":" in host and "::" not in host:
+        # Spelled out in full, as Twisted's PROXY v2 parser spells the
+        # client's address (0:0:0:0:0:0:0:1): one client, one spelling, in
+        # the log and in the limiter's keys.
+        try:
+            host = ipaddress.ip_address(host).compressed
+        except ValueError:
+            pass
     return str(host)
 
 

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import error, interfaces
 from twisted.internet.defer import Deferred
@@ -35,7 +36,19 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from echotwist import admin, certs, limits, logs, reload, startup, tls, tokens, transport
+from echotwist import (
+    admin,
+    certs,
+    limits,
+    logs,
+    mtls,
+    proxy,
+    reload,
+    startup,
+    tls,
+    tokens,
+    transport,
+)
 from echotwist.admin import DEFAULT_ADMIN_INTERFACE
 from echotwist.drain import ConnectionTracker
 from echotwist.options import seconds, whole_number
@@ -218,6 +231,31 @@ class Options(usage.Options):
             "Read the token from this file, at start and again on SIGHUP (a mounted "
             "Secret); overrides ECHOTWIST_TOKEN.",
         ],
+        # -- client certificates and the PROXY protocol (echotwist.mtls, echotwist.proxy)
+        [
+            "client-ca",
+            None,
+            None,
+            "Ask clients for a certificate and verify it against the CA certificate(s) "
+            "in this PEM file (e.g. certs/ca.pem, which issues certs/client.pem).",
+        ],
+        [
+            "auth",
+            None,
+            mtls.TOKEN,
+            "What a request needs: token (the token; a client certificate is optional), "
+            "mtls (a client certificate signed by --client-ca, no token) or both.",
+            mtls.auth_mode,
+        ],
+    ]
+    optFlags: list[list[Any]] = [
+        [
+            "proxy-protocol",
+            None,
+            "Every connection starts with a PROXY protocol header (v1 or v2, from a load "
+            "balancer such as HAProxy's send-proxy-v2): logs and limits see the client "
+            "address it names; a connection without a valid one is closed.",
+        ],
     ]
 
     #: The usage error parsing met, if any (see L{getUsage}).
@@ -287,12 +325,31 @@ class Options(usage.Options):
             tls.check_pem_pair(self["cert"], self["key"])
         except tls.PEMPairError as e:
             raise usage.UsageError(str(e)) from None
+        # Decided once: a SIGHUP reload keeps the client verification it had.
+        self["client-auth"] = self._client_auth()
         try:
             self["context-factory"] = context_factory_for(self)
         except Exception as e:  # pyOpenSSL raises its own Error with a tuple
             raise usage.UsageError(
                 f"cannot load --cert {self['cert']} / --key {self['key']}: {e}"
             ) from None
+
+    def _client_auth(self) -> Callable[[SSL.Context], None] | None:
+        """C{--client-ca} and C{--auth}: how the TLS context verifies clients, if it does."""
+        if self["client-ca"] is None:
+            if self["auth"] != mtls.TOKEN:
+                raise usage.UsageError(
+                    f"--auth {self['auth']} needs --client-ca FILE "
+                    "(the CA that signs the client certificates)"
+                )
+            return None
+        try:
+            cas = mtls.load_client_ca(self["client-ca"])
+        except mtls.ClientCAError as e:
+            raise usage.UsageError(str(e)) from None
+        # Workers are handed the path and may not share our directory.
+        self["client-ca"] = os.path.abspath(self["client-ca"])
+        return mtls.client_verification(cas, required=self["auth"] != mtls.TOKEN)
 
 
 class EchoServerService(logs.TwistdLogObserver, service.Service):
@@ -413,7 +470,7 @@ def context_factory_for(options: Options) -> tls.HardenedContextFactory:
     The server's TLS context factory for the options' certificate and key:
     made at start, and again by every SIGHUP reload (L{echotwist.reload}).
     """
-    return tls.server_context_factory(options["cert"], options["key"])
+    return tls.server_context_factory(options["cert"], options["key"], options.get("client-auth"))
 
 
 def check_operating_options(options: Options) -> None:
@@ -439,10 +496,15 @@ def build_site(
     """
     rate: float = options["auth-fail-limit"]
     limiter = limits.FailureLimiter(rate) if rate > 0 else None
-    if checker is None:
+    if options["auth"] == mtls.MTLS:
+        # The certificate, checked in the handshake, is all a request needs.
+        checker = mtls.CertificateOnly()
+    elif checker is None:
         checker = tokens.TokenChecker(options["token"])
     resource = EchoResource(checker, max_body=options["max-body"], limiter=limiter)
-    return EchoSite(resource, timeout=options["timeout"], limits=options["limits"], worker=worker)
+    site = EchoSite(resource, timeout=options["timeout"], limits=options["limits"], worker=worker)
+    site.client_subjects = options["client-ca"] is not None
+    return site
 
 
 def makeService(options: Options) -> service.IService:
@@ -466,6 +528,7 @@ def makeService(options: Options) -> service.IService:
             reloader.context_factory,
             backlog=LISTEN_BACKLOG,
             interface=options["interface"],
+            protocol=proxy.tls_protocol(options["proxy-protocol"]),
         )
         server = EchoServerService(
             endpoint,

@@ -30,6 +30,7 @@ from echotwist.drain import ConnectionTracker
 from echotwist.limits import Limits
 from echotwist.logs import ACCESS_FORMAT, emit
 from echotwist.metrics import COUNTS
+from echotwist.mtls import client_subject
 from echotwist.peers import describe_peer
 from echotwist.resource import EchoRequest
 
@@ -42,6 +43,9 @@ _access_log = Logger(namespace="echotwist.access")
 
 #: peer, method, path, status, bytes in, bytes out, duration in ms.
 _ACCESS_LINE = "%s %s %s %d in=%d out=%d %.1fms"
+#: Appended under C{--client-ca}: the client certificate's subject, RFC 4514
+#: (which escapes C{"} inside it).
+_CLIENT_FIELD = ' client="%s"'
 
 
 class EchoSite(server.Site):
@@ -53,7 +57,11 @@ class EchoSite(server.Site):
     @ivar tracker: the open connections.
     @ivar refused_connections: connections closed at accept because of the cap.
     @ivar worker: in C{--workers} mode, this process's id.
+    @ivar client_subjects: the access line names the client certificate's
+        subject (C{--client-ca}).
     """
+
+    client_subjects = False
 
     def __init__(
         self,
@@ -142,11 +150,16 @@ class EchoSite(server.Site):
         status = request.code
         bytes_out = request.sentLength
         COUNTS.request_done(status, request.clientproto, body_in, bytes_out, duration_ms)
+        line = _ACCESS_LINE % (peer, method, path, status, body_in, bytes_out, duration_ms)
+        subject = client_subject(request) if self.client_subjects else None
+        if subject is not None:
+            line += _CLIENT_FIELD % subject
         emit(
             _access_log,
             LogLevel.info,
             ACCESS_FORMAT,
-            line=_ACCESS_LINE % (peer, method, path, status, body_in, bytes_out, duration_ms),
+            line=line,
+            client=subject,
             peer=peer,
             method=method,
             path=path,

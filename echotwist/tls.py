@@ -15,8 +15,10 @@ explicit policy.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -63,7 +65,20 @@ class HardenedContextFactory(ssl.DefaultOpenSSLContextFactory):
 
     The certificate file may hold a chain (leaf first), as a real certificate
     from a public CA usually does.
+
+    @ivar client_auth: sets up the asking for and verifying of client
+        certificates on the context (L{echotwist.mtls}), or L{None}.
     """
+
+    def __init__(
+        self,
+        privateKeyFileName: str,
+        certificateFileName: str,
+        client_auth: Callable[[SSL.Context], None] | None = None,
+    ) -> None:
+        # Set first: the base class builds the context in its __init__.
+        self.client_auth = client_auth
+        super().__init__(privateKeyFileName, certificateFileName)
 
     def cacheContext(self) -> None:
         if self._context is not None:
@@ -94,6 +109,8 @@ class HardenedContextFactory(ssl.DefaultOpenSSLContextFactory):
         # response (echotwist.transport); a memory BIO never refuses a write,
         # so nothing else changes.
         ctx.clear_mode(SSL_MODE_ENABLE_PARTIAL_WRITE)
+        if self.client_auth is not None:
+            self.client_auth(ctx)
         self._context = ctx
 
 
@@ -135,9 +152,35 @@ def check_pem_pair(cert: str | Path, key: str | Path) -> None:
         raise PEMPairError(f"--key {key} does not match --cert {cert}")
 
 
-def server_context_factory(cert: str | Path, key: str | Path) -> HardenedContextFactory:
-    """The server's context factory for a PEM certificate (chain) and key."""
-    return HardenedContextFactory(str(key), str(cert))
+@dataclass(frozen=True)
+class ClientPair:
+    """
+    A client certificate and its key, as the client presents them
+    (C{echotwist-client --cert FILE --key FILE}): the leaf with its key, and
+    the rest of the file's chain, if any.
+    """
+
+    leaf: ssl.PrivateCertificate
+    chain: tuple[crypto.X509, ...]
+
+
+def load_client_pair(cert: str | Path, key: str | Path) -> ClientPair:
+    """The pair in PEM files C{cert} (chain, leaf first) and C{key}; L{PEMPairError} if unusable."""
+    check_pem_pair(cert, key)
+    blocks = _PEM_CERT.findall(Path(cert).read_bytes())
+    leaf = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + Path(key).read_bytes())
+    chain = tuple(crypto.load_certificate(crypto.FILETYPE_PEM, b) for b in blocks[1:])
+    return ClientPair(leaf, chain)
+
+
+def server_context_factory(
+    cert: str | Path, key: str | Path, client_auth: Callable[[SSL.Context], None] | None = None
+) -> HardenedContextFactory:
+    """
+    The server's context factory for a PEM certificate (chain) and key; with
+    C{client_auth}, one that asks for client certificates (L{echotwist.mtls}).
+    """
+    return HardenedContextFactory(str(key), str(cert), client_auth)
 
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -207,12 +250,18 @@ class _VerifyingCreator:
     one line that says what is wrong and, for trust, what to do.
     """
 
-    def __init__(self, hostname: str, trust_root: IOpenSSLTrustRoot) -> None:
+    def __init__(
+        self, hostname: str, trust_root: IOpenSSLTrustRoot, pair: ClientPair | None = None
+    ) -> None:
         self._hostname = hostname
+        extra: dict[str, Any] = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
+        if pair is not None:
+            extra["extraCertChain"] = list(pair.chain)
         self._inner = ssl.optionsForClientTLS(
             hostname,
             trustRoot=trust_root,
-            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+            clientCertificate=None if pair is None else pair.leaf,
+            extraCertificateOptions=extra,
         )
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
@@ -248,20 +297,29 @@ class VerifyingPolicy:
     trust root or the system's: one policy whatever the trust comes from.
     """
 
-    def __init__(self, trust_root: IOpenSSLTrustRoot | None = None) -> None:
+    def __init__(
+        self, trust_root: IOpenSSLTrustRoot | None = None, pair: ClientPair | None = None
+    ) -> None:
+        """@param pair: the client certificate to present, if any."""
         self._trust_root = trust_root if trust_root is not None else ssl.platformTrust()
+        self._pair = pair
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        return _VerifyingCreator(hostname.decode("ascii"), self._trust_root)
+        return _VerifyingCreator(hostname.decode("ascii"), self._trust_root, self._pair)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _UnverifiedCreator:
-    def __init__(self, hostname: bytes) -> None:
+    def __init__(self, hostname: bytes, pair: ClientPair | None = None) -> None:
         self._hostname = hostname
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+        if pair is not None:
+            ctx.use_certificate(pair.leaf.original)
+            ctx.use_privatekey(pair.leaf.privateKey.original)
+            for extra in pair.chain:
+                ctx.add_extra_chain_cert(extra)
         self._ctx = ctx
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
@@ -277,12 +335,18 @@ class _UnverifiedCreator:
 class InsecurePolicy:
     """No verification at all: what C{--insecure} asks for, and nothing else does."""
 
+    def __init__(self, pair: ClientPair | None = None) -> None:
+        """@param pair: the client certificate to present, if any."""
+        self._pair = pair
+
     def creatorForNetloc(self, hostname: bytes, port: int) -> _UnverifiedCreator:
-        return _UnverifiedCreator(hostname)
+        return _UnverifiedCreator(hostname, self._pair)
 
 
-def client_policy(cafile: str | Path | None, insecure: bool) -> IPolicyForHTTPS:
-    """The client's TLS policy for the given flags."""
+def client_policy(
+    cafile: str | Path | None, insecure: bool, pair: ClientPair | None = None
+) -> IPolicyForHTTPS:
+    """The client's TLS policy for the given flags (C{pair}: C{--cert}/C{--key})."""
     if insecure:
-        return InsecurePolicy()
-    return VerifyingPolicy(None if cafile is None else load_trust_root(cafile))
+        return InsecurePolicy(pair)
+    return VerifyingPolicy(None if cafile is None else load_trust_root(cafile), pair)

@@ -549,15 +549,19 @@ def tls_factory(
     wrapped: IProtocolFactory,
     clock: IReactorTime | None = None,
     client: bool = False,
+    protocol: type[BulkTLSProtocol] | None = None,
 ) -> BulkTLSFactory:
     """
     TLS around C{wrapped}, with the context C{context_factory} gives (a
     connection creator for a C{client}); C{clock} is the reactor whose turns
-    small writes wait for.
+    small writes wait for; C{protocol}, a subclass of L{BulkTLSProtocol} to
+    use instead (L{echotwist.proxy}).
     """
     factory = BulkTLSFactory(context_factory, client, wrapped)
     factory.clock = clock
     factory.server_side = not client
+    if protocol is not None:
+        factory.protocol = protocol
     return factory
 
 
@@ -573,14 +577,23 @@ class TLSServerEndpoint:
         tcp: interfaces.IStreamServerEndpoint,
         context_factory: Any,
         clock: IReactorTime | None = None,
+        protocol: type[BulkTLSProtocol] | None = None,
     ) -> None:
-        """@param clock: the reactor C{tcp} listens on (the global one if L{None})."""
+        """
+        @param clock: the reactor C{tcp} listens on (the global one if L{None}).
+        @param protocol: a subclass of L{BulkTLSProtocol} to serve connections
+            with instead (L{echotwist.proxy}).
+        """
         self._tcp = tcp
         self._context_factory = context_factory
         self._clock = clock
+        self._protocol = protocol
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._tcp.listen(tls_factory(self._context_factory, protocolFactory, self._clock))
+        factory = tls_factory(
+            self._context_factory, protocolFactory, self._clock, protocol=self._protocol
+        )
+        return self._tcp.listen(factory)
 
 
 @implementer(interfaces.IStreamClientEndpoint)
@@ -611,11 +624,16 @@ class TLSClientEndpoint:
 
 
 def listen_tls(
-    reactor: Any, port: int, context_factory: Any, backlog: int = 50, interface: str = ""
+    reactor: Any,
+    port: int,
+    context_factory: Any,
+    backlog: int = 50,
+    interface: str = "",
+    protocol: type[BulkTLSProtocol] | None = None,
 ) -> TLSServerEndpoint:
-    """The endpoint C{SSL4ServerEndpoint(reactor, port, context_factory, ...)} would be."""
-    return TLSServerEndpoint(
-        endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface),
-        context_factory,
-        reactor,
-    )
+    """
+    The endpoint C{SSL4ServerEndpoint(reactor, port, context_factory, ...)} would
+    be; C{protocol}: another TLS transport class (L{echotwist.proxy}).
+    """
+    tcp = endpoints.TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
+    return TLSServerEndpoint(tcp, context_factory, reactor, protocol)

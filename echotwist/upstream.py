@@ -14,6 +14,8 @@ from typing import Any
 
 import h2.connection
 import h2.stream
+from twisted.protocols.haproxy import _exceptions as _haproxy_exceptions
+from twisted.protocols.haproxy import _v1parser, _v2parser
 
 # -- h2 ----------------------------------------------------------------------
 
@@ -59,3 +61,28 @@ def outbound_bytes(connection: Any) -> bytearray:
 def stream_closed_by(connection: Any, stream_id: int) -> Any:
     """How h2's C{connection} says C{stream_id} was closed: a L{StreamClosedBy} or C{None}."""
     return getattr(connection, STREAM_CLOSED_BY)(stream_id)
+
+
+# -- Twisted -----------------------------------------------------------------
+
+#: An HTTP/2 stream's connection (twisted.web._http2.H2Stream, private): a
+#: stream has no transport of its own (C{transport = None}), and the access
+#: line asks the connection's TLS transport for the client's certificate
+#: (L{echotwist.mtls}).
+H2_STREAM_CONNECTION = "_conn"
+
+
+#: Twisted's PROXY protocol parsers (twisted.protocols.haproxy, private
+#: modules; the public API is only C{proxyEndpoint}, a wrapper between TCP and
+#: TLS that stays for the whole connection).  L{echotwist.proxy} reads the
+#: header in the TLS transport with them: C{feed(data)} returns C{(info,
+#: rest)} or C{(None, None)} until the header is complete, and raises
+#: C{InvalidProxyHeader}; C{PREFIX}/C{PROXYSTR} tell v2 from v1.
+ProxyV1Parser = _v1parser.V1Parser
+ProxyV2Parser = _v2parser.V2Parser
+InvalidProxyHeader = _haproxy_exceptions.InvalidProxyHeader
+
+
+def h2_stream_connection(stream: Any) -> Any:
+    """The L{H2Connection} an HTTP/2 stream belongs to, or L{None} for anything else."""
+    return getattr(stream, H2_STREAM_CONNECTION, None)

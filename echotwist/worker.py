@@ -32,6 +32,7 @@ from twisted.python import usage
 
 from echotwist.logs import TextLogObserver
 from echotwist.metrics import COUNTS, SNAPSHOT_INTERVAL, SnapshotWriter
+from echotwist.proxy import tls_protocol
 from echotwist.reload import Reloader
 from echotwist.service import EchoServerService, Options, build_site, context_factory_for
 from echotwist.workers import LOG_RELAY, LOG_TEXT, AdoptedTLSServerEndpoint
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     probe.close()
     os.set_inheritable(fd, False)
     reloader = Reloader.from_options(options, partial(context_factory_for, options))
-    endpoint = AdoptedTLSServerEndpoint(reactor, fd, family, reloader.context_factory)
+    endpoint = AdoptedTLSServerEndpoint(
+        reactor, fd, family, reloader.context_factory, tls_protocol(options["proxy-protocol"])
+    )
     site = build_site(options, worker=os.getpid(), checker=reloader.checker)
     server = EchoServerService(
         endpoint, site, None, options["grace"], reactor, on_sighup=reloader.reload

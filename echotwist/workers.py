@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from echotwist import reload, startup, tokens
 from echotwist.logs import STDOUT, TextLogObserver, TwistdLogObserver, twistd_log_target
-from echotwist.transport import TLSServerEndpoint
+from echotwist.transport import BulkTLSProtocol, TLSServerEndpoint
 
 #: The fd number the listening socket has in every child.
 CHILD_FD = 3
@@ -108,10 +108,17 @@ def bind_listening_socket(interface: str, port: int, backlog: int) -> socket.soc
 class AdoptedTLSServerEndpoint:
     """Serve TLS on a listening socket this process inherited as a file descriptor."""
 
-    def __init__(self, reactor: Any, fileno: int, family: int, context_factory: Any) -> None:
-        self._inner = TLSServerEndpoint(
-            AdoptedStreamServerEndpoint(reactor, fileno, family), context_factory, reactor
-        )
+    def __init__(
+        self,
+        reactor: Any,
+        fileno: int,
+        family: int,
+        context_factory: Any,
+        protocol: type[BulkTLSProtocol] | None = None,
+    ) -> None:
+        """@param protocol: another TLS transport class (L{echotwist.proxy})."""
+        adopted = AdoptedStreamServerEndpoint(reactor, fileno, family)
+        self._inner = TLSServerEndpoint(adopted, context_factory, reactor, protocol)
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self._inner.listen(protocolFactory)
@@ -309,6 +316,7 @@ class WorkerPool(TwistdLogObserver, service.Service):
             if name in _PARENT_ONLY or value is None:
                 continue
             argv += [f"--{name}", repr(value) if isinstance(value, float) else str(value)]
+        argv += [f"--{name}" for name, *_ in type(o).optFlags if o[name]]
         return argv
 
     def _spawn(self) -> None:

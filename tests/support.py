@@ -101,6 +101,13 @@ def make_site(
     )
 
 
+class ClassCleanups:
+    """What the start helpers ask of a case, for a server shared by a class."""
+
+    def __init__(self, cls: type[TestCase]) -> None:
+        self.addCleanup = cls.addClassCleanup
+
+
 @dataclass
 class LiveServer:
     """A real echotwist site behind real TLS on 127.0.0.1:port."""
@@ -388,7 +395,7 @@ def start_twistd(
     except AssertionError:
         server.stop(signal.SIGKILL)
         raise AssertionError("twistd did not start:\n" + server.text) from None
-    _handshake(server.port, server.cafile)
+    _handshake(server.port, server.cafile, proxy="--proxy-protocol" in args)
     return server
 
 
@@ -649,15 +656,22 @@ def start_daemon(case: TestCase, *args: str, deadline: float = 30.0) -> Daemon:
     return daemon
 
 
-def _handshake(port: int, cafile: Path) -> None:
+def _handshake(port: int, cafile: Path, proxy: bool = False) -> None:
     """
     Complete one TLS handshake: the port is logged before twistd's reactor
     runs (and installs its SIGTERM handler), a handshake needs it running.
+    With C{proxy}, after a PROXY v1 header naming this very connection
+    (C{--proxy-protocol}).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # a liveness probe; verification is tested elsewhere
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if proxy:
+        local, peer = raw.getsockname(), raw.getpeername()
+        raw.sendall(
+            b"PROXY TCP4 %s %s %d %d\r\n" % (local[0].encode(), peer[0].encode(), local[1], peer[1])
+        )
     context.wrap_socket(raw).close()
 
 
@@ -768,7 +782,7 @@ def self_signed_without_san(directory: Path, key) -> tuple[Path, Path]:
     import datetime
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -784,7 +798,14 @@ def self_signed_without_san(directory: Path, key) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = directory / "nosan.pem", directory / "nosan.key"
+    return write_pem_pair(directory, "nosan", cert, key)
+
+
+def write_pem_pair(directory: Path, name: str, cert, key) -> tuple[Path, Path]:
+    """Write C{cert} and C{key} as C{NAME.pem} and C{NAME.key} in C{directory}."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(

@@ -38,7 +38,7 @@ from tests.h2_frames import (
     goaway,
     raw_frame,
 )
-from tests.support import Twistd, start_twistd
+from tests.support import ClassCleanups, Twistd, start_twistd
 
 _MAX_WINDOW = 2**31 - 1
 #: Over the default --max-body: a valid token, answered 413 at the headers.
@@ -57,13 +57,6 @@ _UNDECODABLE = {
 }
 
 
-class _ClassCleanups:
-    """What the start helpers ask of a case, for a server shared by a class."""
-
-    def __init__(self, cls: type[TestCase]) -> None:
-        self.addCleanup = cls.addClassCleanup
-
-
 class _Conformance:
     """The cases; a subclass chooses the first request's kind and the workers."""
 
@@ -80,7 +73,7 @@ class _Conformance:
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.server = start_twistd(_ClassCleanups(cls), *cls.workers)  # type: ignore[arg-type]
+        cls.server = start_twistd(ClassCleanups(cls), *cls.workers)  # type: ignore[arg-type]
 
     def setUp(self) -> None:
         self.addCleanup(self._still_serves)

@@ -59,3 +59,33 @@ class H2NamesTests(TestCase):
         self.assertIsNone(upstream.stream_closed_by(conn, 1))
         conn.reset_stream(1, ErrorCodes.NO_ERROR)
         self.assertIs(upstream.stream_closed_by(conn, 1), upstream.StreamClosedBy.SEND_RST_STREAM)
+
+
+class TwistedNamesTests(TestCase):
+    def test_the_proxy_parsers_return_the_addresses_and_what_follows(self) -> None:
+        parser = upstream.ProxyV1Parser()
+        self.assertEqual(parser.feed(b"PROXY TCP4 192.0.2.1 "), (None, None))
+        info, rest = parser.feed(b"127.0.0.1 5000 443\r\n\x16\x03")
+        self.assertEqual(
+            (info.source.host, info.source.port, rest), ("192.0.2.1", 5000, b"\x16\x03")
+        )
+        self.assertEqual(upstream.ProxyV1Parser.PROXYSTR, b"PROXY")
+        self.assertEqual(upstream.ProxyV2Parser.PREFIX, b"\r\n\r\n\x00\r\nQUIT\n")
+        local = upstream.ProxyV2Parser.PREFIX + b"\x20\x00\x00\x00"  # LOCAL, UNSPEC
+        info, rest = upstream.ProxyV2Parser().feed(local)
+        self.assertEqual((info.source, info.destination, rest), (None, None, b""))
+        with self.assertRaises(upstream.InvalidProxyHeader):
+            upstream.ProxyV1Parser().feed(b"PROXY nonsense\r\n")
+
+    def test_an_h2_stream_knows_its_connection(self) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web._http2 import H2Connection, H2Stream
+        from twisted.web.resource import Resource
+        from twisted.web.server import Request, Site
+
+        connection = H2Connection()
+        connection.makeConnection(StringTransport())
+        stream = H2Stream(1, connection, [], Request, Site(Resource()), None)
+        self.assertIs(upstream.h2_stream_connection(stream), connection)
+        self.assertIsNone(stream.transport)
+        self.assertIsNone(upstream.h2_stream_connection(object()))

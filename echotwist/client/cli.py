@@ -67,6 +67,8 @@ class ConnectionOptions(usage.Options):
             "Seconds allowed for the whole exchange.",
             seconds("--timeout"),
         ],
+        ["cert", None, None, "Client certificate to present, PEM (chain, leaf first), with --key."],
+        ["key", None, None, "PEM private key of --cert."],
     ]
 
     def postOptions(self) -> None:
@@ -91,12 +93,18 @@ class ConnectionOptions(usage.Options):
             raise usage.UsageError("--insecure and --cacert contradict each other")
         if self["cacert"] is None and not self["insecure"] and DEFAULT_CAFILE.exists():
             self["cacert"] = str(DEFAULT_CAFILE)
+        if (self["cert"] is None) != (self["key"] is None):
+            raise usage.UsageError("--cert and --key go together")
         try:
-            self["policy"] = tls.client_policy(self["cacert"], self["insecure"])
+            pair = None if self["cert"] is None else tls.load_client_pair(self["cert"], self["key"])
+        except tls.PEMPairError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            self["policy"] = tls.client_policy(self["cacert"], self["insecure"], pair)
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot use --cacert {self['cacert']}: {e}") from None
 
-    def _resolve_token(self) -> str:
+    def _resolve_token(self) -> str | None:
         try:
             if self["token"] is not None:
                 return tokens.validate_token(self["token"], "--token")
@@ -107,8 +115,12 @@ class ConnectionOptions(usage.Options):
             raise usage.UsageError(f"cannot read --token-file: {e.strerror or e}") from None
         except tokens.TokenError as e:
             raise usage.UsageError(str(e)) from None
-        if from_env is None:
-            raise usage.UsageError(f"no token: give --token, --token-file or set {tokens.ENV_VAR}")
+        if from_env is None and self["cert"] is None:
+            raise usage.UsageError(
+                f"no token: give --token, --token-file or set {tokens.ENV_VAR} "
+                "(or, for a server with --auth mtls, only --cert and --key)"
+            )
+        # None: a client certificate alone (--auth mtls); no Token header is sent.
         return from_env
 
 

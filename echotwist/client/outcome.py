@@ -119,6 +119,29 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+#: What a server's TLS alert about our client certificate means (RFC 8446
+#: section 6.2; OpenSSL names them "tlsv13 alert certificate required" and so
+#: on).  Under TLS 1.3 the server sends it after the client's side of the
+#: handshake is done, so it arrives when the answer is read.
+_CLIENT_CERT_ALERTS = {
+    "certificate required": "the server requires a client certificate: pass --cert FILE --key FILE",
+    "unknown ca": "the server does not trust the client certificate: it is not signed "
+    "by a CA the server accepts (its --client-ca)",
+    "certificate expired": "the server refused the client certificate: it has expired",
+    "bad certificate": "the server refused the client certificate as bad",
+    "unsupported certificate": "the server refused the client certificate: not usable "
+    "for client authentication",
+    "certificate revoked": "the server refused the client certificate: it is revoked",
+}
+
+
+def _alert_text(reason: str) -> str | None:
+    """What an OpenSSL reason such as C{tlsv13 alert certificate required} means, if we know."""
+    _, sep, alert = reason.partition(" alert ")
+    meaning = _CLIENT_CERT_ALERTS.get(alert) if sep else None
+    return None if meaning is None else f"TLS: {meaning} ({reason})"
+
+
 def _tls_text(exc: BaseException) -> str:
     if isinstance(exc, CertificateRejectedError):
         return f"TLS {exc}"
@@ -132,6 +155,10 @@ def _tls_text(exc: BaseException) -> str:
         return "TLS certificate is not valid for " + ", ".join(names)
     if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
         parts = [str(e[-1]) for e in exc.args[0] if e and e[-1]]
+        for part in parts:
+            meaning = _alert_text(part)
+            if meaning is not None:
+                return meaning
         if parts:
             return "TLS handshake failed: " + "; ".join(parts)
     return f"TLS handshake failed: {exc}"

@@ -71,6 +71,9 @@ def child_argv(options: Any, clients: int, requests: int | None) -> list[str]:
         argv.append("--insecure")
     elif options["cacert"] is not None:
         argv += ["--cacert", os.path.abspath(options["cacert"])]
+    if options["cert"] is not None:
+        argv += ["--cert", os.path.abspath(options["cert"])]
+        argv += ["--key", os.path.abspath(options["key"])]
     return argv
 
 
@@ -150,7 +153,9 @@ class Children:
         requests: int | None = options["requests"]
         client_shares = shares(clients, processes)
         request_shares = shares(requests, processes) if requests is not None else None
-        env = {**os.environ, tokens.ENV_VAR: options["token"]}
+        env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
+        if options["token"] is not None:  # None: a client certificate alone
+            env[tokens.ENV_VAR] = options["token"]
         children = self._children
         for i, share in enumerate(client_shares):
             child = _Child(self._stderr)

@@ -25,9 +25,14 @@ def echo_url(host: str) -> bytes:
     return (host.rstrip("/") + "/echo").encode("ascii")
 
 
-def request_headers(token: str, content_type: bytes | None = None) -> Headers:
-    """The headers of an echo request: the token, as the original sent it."""
-    headers = Headers({b"token": [token.encode("ascii")], b"user-agent": [USER_AGENT]})
+def request_headers(token: str | None, content_type: bytes | None = None) -> Headers:
+    """
+    The headers of an echo request: the token, as the original sent it (none
+    when a client certificate alone authenticates, C{--auth mtls}).
+    """
+    headers = Headers({b"user-agent": [USER_AGENT]})
+    if token is not None:
+        headers.setRawHeaders(b"token", [token.encode("ascii")])
     if content_type is not None:
         headers.setRawHeaders(b"content-type", [content_type])
     return headers
@@ -103,7 +108,7 @@ async def send_once(
     reactor: IReactorTime,
     agent: Agent,
     host: str,
-    token: str,
+    token: str | None,
     body: bytes,
     timeout: float,
     content_type: bytes | None = None,
