@@ -64,13 +64,14 @@ def served_fingerprint(server: Twistd) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def send(server: Twistd, token: str) -> int:
+def send(server: Twistd, token: str, *args: str) -> int:
     return run_client(
         "send",
         f"--host={server.url}",
         f"--cacert={server.cafile}",
         f"--token={token}",
         "--message=after the reload",
+        *args,
     ).returncode
 
 
@@ -175,6 +176,18 @@ class ReloadTests(TestCase):
         self.assertEqual(send(server, T1), 0)
         self.assertNotIn("Traceback", server.text)
         self.assertEqual(server.count(RELOADED), 0)
+
+    def test_a_reload_keeps_asking_for_client_certificates(self) -> None:
+        """The new pair is served with the same client verification as the old."""
+        dev = dev_certs()
+        server = self.start("--client-ca", str(dev.ca_cert), "--auth", "both")
+        put(self.other.server_cert, self.cert)
+        put(self.other.server_key, self.key)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for(RELOADED)
+        client_pair = ["--cert", str(dev.client_cert), "--key", str(dev.client_key)]
+        self.assertEqual(send(server, T1, *client_pair), 0)
+        self.assertEqual(send(server, T1), 3)  # no client certificate: the handshake fails
 
     def test_with_workers_the_parent_passes_sighup_to_each(self) -> None:
         """The development pair under --cert-dir is reloaded too."""
