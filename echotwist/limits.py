@@ -112,6 +112,9 @@ class Deadline:
     @ivar when: the moment (on C{clock}) the callback is due, or L{None}.
     """
 
+    # Two of these per connection: no instance dict.
+    __slots__ = ("_call", "_call_at", "_clock", "_expired", "when")
+
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self.when: float | None = None
