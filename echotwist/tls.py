@@ -80,10 +80,18 @@ class HardenedContextFactory(ssl.DefaultOpenSSLContextFactory):
         self.client_auth = client_auth
         super().__init__(privateKeyFileName, certificateFileName)
 
+    #: The context every connection shares, built once (L{cacheContext}).
+    hardened: SSL.Context | None = None
+
     def cacheContext(self) -> None:
-        if self._context is not None:
+        """
+        Build the one context, with the policy above.  The base class calls
+        this from its C{__init__}; L{getContext} hands out what it built, so
+        nothing of the base class's own caching is relied on.
+        """
+        if self.hardened is not None:
             return
-        ctx = self._contextFactory(self.sslmethod)
+        ctx = SSL.Context(self.sslmethod)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(
             SSL.OP_NO_SSLv2
@@ -111,7 +119,12 @@ class HardenedContextFactory(ssl.DefaultOpenSSLContextFactory):
         ctx.clear_mode(SSL_MODE_ENABLE_PARTIAL_WRITE)
         if self.client_auth is not None:
             self.client_auth(ctx)
-        self._context = ctx
+        self.hardened = ctx
+
+    def getContext(self) -> SSL.Context:
+        """The context of every connection (and of every handshake's SSL object)."""
+        assert self.hardened is not None
+        return self.hardened
 
 
 class PEMPairError(ValueError):
