@@ -36,12 +36,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from echotwist import tokens
+from echotwist import certs, tokens
 from echotwist.peers import describe_peer, peer_host
 from tests.support import (
     ClassCleanups,
     Twistd,
     client_tls_context,
+    dev_certs,
     eventually,
     is_closed,
     need_command,
@@ -55,7 +56,7 @@ from tests.support import (
     start_twistd,
     wait_until,
 )
-from tests.test_admin import admin_port, get
+from tests.test_admin import admin_port, get, samples
 from tests.test_workers import _accepts, free_port
 
 #: The PROXY protocol v2 signature (the spec's section 2.2).
@@ -531,3 +532,98 @@ async def _eventually_logged(a: Twistd, b: Twistd, pattern: str) -> None:
     await eventually(
         lambda: bool(regex.search(a.text) or regex.search(b.text)), 15, pattern + a.text + b.text
     )
+
+
+class EverythingTogetherTests(TestCase):
+    """
+    The issue's features at once, as a deployment would run them: two
+    instances of C{--workers 2}, each with C{--client-ca} and C{--auth both},
+    C{--proxy-protocol} and an admin port, behind HAProxy's send-proxy-v2
+    and /readyz checks, and clients presenting the development certificate.
+    """
+
+    REQUESTS = 300
+
+    async def test_mtls_and_the_token_through_haproxy_to_workers(self) -> None:
+        ca = str(dev_certs().ca_cert)
+        up = start_balanced(self, "--workers", "2", "--client-ca", ca, "--auth", "both")
+        for server in (up.a, up.b):
+            server.wait_for_count(r"ready: accepting connections", 2)
+        paths = dev_certs()
+        certificate = ["--cert", str(paths.client_cert), "--key", str(paths.client_key)]
+
+        # curl over HTTP/2: the worker's line names curl's own address and
+        # port (not HAProxy's) and the certificate's subject.
+        done = await deferToThread(
+            subprocess.run,
+            [
+                need_command("curl"),
+                "-sS",
+                "--http2",
+                "--cacert",
+                str(up.a.cafile),
+                *certificate,
+                "-H",
+                f"Token: {up.token}",
+                "--max-time",
+                "10",
+                "--data-binary",
+                "together",
+                "-w",
+                " %{http_version} %{http_code} %{local_port}",
+                up.url + "/echo",
+            ],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr.decode())
+        body, version, code, port = done.stdout.decode().rsplit(" ", 3)
+        self.assertEqual((body, version, code), ("together", "2", "200"))
+        subject = f'client="CN={certs.CLIENT_NAME},O=echotwist development"'
+        line = rf"(?m)\[worker \d+\] \[::1\]:{port} POST /echo 200 in=8 out=8 .* {subject}$"
+        await _eventually_logged(up.a, up.b, line)
+
+        out, err, status = await run_client_async(
+            "load",
+            f"--host={up.url}",
+            f"--token={up.token}",
+            f"--cacert={up.a.cafile}",
+            *certificate,
+            "--clients=10",
+            f"--requests={self.REQUESTS}",
+            "--duration=60",
+            "--json",
+        )
+        self.assertEqual(status, 0, err.decode())
+        summary = json.loads(out)
+        self.assertEqual((summary["verified"], summary["failed"]), (self.REQUESTS, {}))
+
+        # Each twistd's admin port counts its workers' requests by subject.
+        label = ("subject", f"CN={certs.CLIENT_NAME},O=echotwist development")
+
+        def by_subject() -> float:
+            return sum(
+                v
+                for name in ("a", "b")
+                for (metric, labels), v in samples(up.admin[name]).items()
+                if metric == "echotwist_client_certificate_requests_total" and label in labels
+            )
+
+        await eventually(lambda: by_subject() == self.REQUESTS + 1, 10, "the count by subject")
+
+        # The certificate without the token is 401; the token without it
+        # never gets past the handshake, HAProxy or not.
+        out, err, status = await run_client_async(
+            "send", f"--host={up.url}", f"--cacert={up.a.cafile}", *certificate, "--message=x"
+        )
+        self.assertEqual(status, 4, err.decode())
+        out, err, status = await run_client_async(
+            "send", f"--host={up.url}", f"--cacert={up.a.cafile}", f"--token={up.token}", "-m", "x"
+        )
+        self.assertEqual(status, 3, err.decode())
+        self.assertIn(b"the server requires a client certificate", err)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        for server in (up.a, up.b):
+            self.assertEqual(server.count(r"\] 127\.0\.0\.1:\d+ POST"), 0)
+            self.assertNotIn("Traceback", server.text)
