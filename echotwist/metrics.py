@@ -59,6 +59,15 @@ REFUSAL_REASONS = {
 }
 #: Seconds between a worker's snapshots (how stale the parent's numbers may be).
 SNAPSHOT_INTERVAL = 1.0
+#: Client certificate subjects counted one by one (C{--client-ca}).  Every
+#: subject is one a CA the operator chose has signed, so the set is the
+#: operator's; the cap still bounds the series a scrape returns (and a
+#: worker's snapshot) should that CA sign per-device or per-session
+#: certificates.  Past it, requests count under L{OTHER_SUBJECTS}.
+MAX_CLIENT_SUBJECTS = 100
+#: The subject label of requests whose subject came past L{MAX_CLIENT_SUBJECTS}
+#: (no RFC 4514 name looks like it: every one has an C{=}).
+OTHER_SUBJECTS = "(other)"
 
 
 class Histogram:
@@ -99,6 +108,9 @@ class ProcessMetrics:
         self.handshake_failures: dict[str, int] = {}
         #: L{REFUSAL_REASONS} label -> refusals answered.
         self.refusals: dict[str, int] = {}
+        #: Client certificate subject (RFC 4514) -> requests over a connection
+        #: that presented it (C{--client-ca} only; L{client_request_done}).
+        self.client_requests: dict[str, int] = {}
         self._sites: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -- counted where it happens ----------------------------------------
@@ -114,6 +126,16 @@ class ProcessMetrics:
         self.body_size.observe(body_in)
         self.bytes_in += body_in
         self.bytes_out += body_out
+
+    def client_request_done(self, subject: str) -> None:
+        """
+        One request over a connection with a verified client certificate of
+        C{subject} is over (counted besides L{request_done}).
+        """
+        counts = self.client_requests
+        if subject not in counts and len(counts) >= MAX_CLIENT_SUBJECTS:
+            subject = OTHER_SUBJECTS
+        counts[subject] = counts.get(subject, 0) + 1
 
     def refused(self, status: int) -> None:
         """A refusal with this status was answered (early, or by the channel)."""
@@ -155,6 +177,7 @@ class ProcessMetrics:
             "handshakes": self.handshakes,
             "handshake_failures": dict(self.handshake_failures),
             "refusals": dict(self.refusals),
+            "client_requests": dict(self.client_requests),
             "open_connections": sum(len(s.tracker) for s in sites),
             "refused_at_cap": sum(s.refused_connections for s in sites),
             "draining": int(any(s.tracker.draining for s in sites)),
@@ -227,6 +250,9 @@ class MetricsCollector(Collector):
             f.open.add_metric(values, snap["open_connections"])
             f.refused_at_cap.add_metric(values, snap["refused_at_cap"])
             f.draining.add_metric(values, snap["draining"])
+            # .get: a snapshot a worker of an older version wrote has none.
+            for subject, n in sorted(snap.get("client_requests", {}).items()):
+                f.client_requests.add_metric([*values, subject], n)
         yield from f.all()
         if self._worker_restarts is not None:
             restarts = CounterMetricFamily(
@@ -275,6 +301,13 @@ class _Families:
             "connections_refused", "Connections closed at accept: --max-connections were open."
         )
         self.draining = gauge("draining", "1 while the process drains (stopping), else 0.")
+        self.client_requests = counter(
+            "client_certificate_requests",
+            "Requests over a connection that presented a verified client certificate "
+            f"(--client-ca), by its subject (RFC 4514); past {MAX_CLIENT_SUBJECTS} subjects, "
+            f'the rest count as subject="{OTHER_SUBJECTS}".',
+            "subject",
+        )
 
     def add_histogram(
         self,
@@ -293,6 +326,8 @@ class _Families:
         family.add_metric(values, buckets, sum_value=total * scale)
 
     def all(self) -> list[Metric]:
+        # Without --client-ca no request has a subject: no empty family then.
+        by_subject = [self.client_requests] if self.client_requests.samples else []
         return [
             self.requests,
             self.duration,
@@ -305,6 +340,7 @@ class _Families:
             self.open,
             self.refused_at_cap,
             self.draining,
+            *by_subject,
         ]
 
 

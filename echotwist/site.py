@@ -154,6 +154,7 @@ class EchoSite(server.Site):
         subject = client_subject(request) if self.client_subjects else None
         if subject is not None:
             line += _CLIENT_FIELD % subject
+            COUNTS.client_request_done(subject)
         emit(
             _access_log,
             LogLevel.info,

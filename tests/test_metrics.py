@@ -183,6 +183,24 @@ class HandshakeCountTests(TestCase):
         self.assertIn("protocol", dict(labels)["reason"])  # OpenSSL's "unsupported protocol"
 
 
+class ClientSubjectTests(TestCase):
+    def test_requests_by_subject_are_capped_with_the_rest_counted_together(self) -> None:
+        counts = metrics.ProcessMetrics()
+        for n in range(metrics.MAX_CLIENT_SUBJECTS + 5):
+            counts.client_request_done(f"CN=device {n}")
+        counts.client_request_done("CN=device 0")  # one already counted still is
+        found = scrape(MetricsCollector(lambda: [({}, counts.snapshot())]))
+        name = "echotwist_client_certificate_requests_total"
+        series = {dict(labels)["subject"]: v for (n, labels), v in found.items() if n == name}
+        self.assertEqual(len(series), metrics.MAX_CLIENT_SUBJECTS + 1)
+        self.assertEqual(series["CN=device 0"], 2)
+        self.assertEqual(series[metrics.OTHER_SUBJECTS], 5)
+
+    def test_without_client_certificates_there_is_no_such_family(self) -> None:
+        found = scrape(MetricsCollector(lambda: [({}, metrics.ProcessMetrics().snapshot())]))
+        self.assertFalse([k for k in found if k[0].startswith("echotwist_client_certificate")])
+
+
 class WorkerSnapshotTests(TestCase):
     def test_the_parent_shows_each_live_workers_snapshot_labelled(self) -> None:
         directory = scratch_dir(self)

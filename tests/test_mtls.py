@@ -29,8 +29,10 @@ from tests.support import (
     run_client,
     scratch_dir,
     start_twistd,
+    wait_until,
     write_pem_pair,
 )
+from tests.test_admin import admin_port, requests_ok, samples
 from tests.test_startup import run_twistd
 
 #: How the access line names the development client certificate.
@@ -243,6 +245,65 @@ class OptionalCertificateTests(_SharedServer):
         cert, key = client_certificate(scratch_dir(self), "stranger", self_signed=True)
         result = self.send("--message=x", "--cert", str(cert), "--key", str(key), token=True)
         self.assertRefusedInOneLine(result, "the server does not trust the client certificate")
+
+
+#: The development client certificate's subject, as /metrics labels it.
+DEV_SUBJECT_LABEL = (("subject", f"CN={certs.CLIENT_NAME},O=echotwist development"),)
+BY_SUBJECT = "echotwist_client_certificate_requests_total"
+
+
+class ClientSubjectMetricsTests(_SharedServer):
+    """
+    C{--client-ca} with the admin port: C{/metrics} counts requests by the
+    client certificate's subject, and only those that presented one.
+    """
+
+    args = ("--admin-port", "0")
+
+    def test_requests_are_counted_by_the_certificates_subject(self) -> None:
+        port = admin_port(self.server)
+        self.assertNotIn((BY_SUBJECT, DEV_SUBJECT_LABEL), samples(port))
+        for n in range(3):
+            result = self.send(f"--message=with {n}", *dev_client(), token=True)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        result = self.send("--message=without", token=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        found = samples(port)
+        self.assertEqual(found[(BY_SUBJECT, DEV_SUBJECT_LABEL)], 3)
+        self.assertEqual(
+            [k for k in found if k[0] == BY_SUBJECT], [(BY_SUBJECT, DEV_SUBJECT_LABEL)]
+        )
+        self.assertEqual(requests_ok(found), 4)
+
+
+class ClientSubjectWorkerMetricsTests(_SharedServer):
+    """The same with C{--workers 2}: each worker's count, labelled, on the parent's port."""
+
+    args = ("--admin-port", "0", "--workers", "2", "--auth", "mtls")
+
+    def test_the_parent_shows_each_workers_count_by_subject(self) -> None:
+        port = admin_port(self.server)
+        self.server.wait_for_count(r"ready: accepting connections", 2)
+        result = run_client(
+            "load",
+            f"--host={self.server.url}",
+            f"--cacert={self.server.cafile}",
+            *dev_client(),
+            "--clients=4",
+            "--requests=40",
+            "--duration=30",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+        def by_worker() -> dict[str, float]:
+            return {
+                dict(labels)["worker"]: v
+                for (name, labels), v in samples(port).items()
+                if name == BY_SUBJECT and DEV_SUBJECT_LABEL[0] in labels
+            }
+
+        wait_until(lambda: sum(by_worker().values()) == 40, 10, "40 requests by subject")
+        self.assertLessEqual(set(by_worker()), {str(p) for p in self.server.worker_pids()})
 
 
 class StartupTests(TestCase):
