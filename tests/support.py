@@ -815,3 +815,23 @@ def write_pem_pair(directory: Path, name: str, cert, key) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def start_haproxy(case: TestCase, config: str) -> None:
+    """Run HAProxy on C{config} until cleanup."""
+    haproxy = need_command("haproxy")
+    path = scratch_dir(case) / "haproxy.cfg"
+    path.write_text(config)
+    balancer = subprocess.Popen(
+        [haproxy, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def stop() -> None:
+        balancer.terminate()
+        try:
+            balancer.wait(10)
+        except subprocess.TimeoutExpired:
+            balancer.kill()
+            balancer.wait()
+
+    case.addCleanup(stop)

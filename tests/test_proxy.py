@@ -52,6 +52,7 @@ from tests.support import (
     recv_response,
     run_client_async,
     scratch_dir,
+    start_haproxy,
     start_server,
     start_twistd,
     wait_until,
@@ -273,26 +274,6 @@ def server_states(stats: Path) -> dict[str, dict[str, str]]:
         for row in rows
         if row["pxname"] == "instances" and row["svname"] not in ("FRONTEND", "BACKEND")
     }
-
-
-def start_haproxy(case: TestCase, config: str) -> None:
-    """Run HAProxy on C{config} until cleanup."""
-    haproxy = need_command("haproxy")
-    path = scratch_dir(case) / "haproxy.cfg"
-    path.write_text(config)
-    balancer = subprocess.Popen(
-        [haproxy, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-    def stop() -> None:
-        balancer.terminate()
-        try:
-            balancer.wait(10)
-        except subprocess.TimeoutExpired:
-            balancer.kill()
-            balancer.wait()
-
-    case.addCleanup(stop)
 
 
 def curl_from_port(url: str, token: str, cafile: Path) -> int:

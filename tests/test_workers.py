@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 from typing import Any
 
 from twisted.internet import reactor
@@ -32,10 +31,9 @@ from tests.support import (
     dev_certs,
     eventually,
     make_agent,
-    need_command,
     pid_alive,
     recv_response,
-    scratch_dir,
+    start_haproxy,
     start_twistd,
     tls_socket,
     wait_until,
@@ -267,7 +265,6 @@ class ScaleOutTests(TestCase):
     CLIENTS = 20
 
     async def test_thousand_requests_through_haproxy_survive_a_graceful_stop(self) -> None:
-        haproxy = need_command("haproxy")
         token = tokens.generate_token()
         shared = {tokens.ENV_VAR: token}
         a = start_twistd(self, "--grace", "10", env=shared)
@@ -275,23 +272,7 @@ class ScaleOutTests(TestCase):
         self.assertEqual((a.token, b.token), (token, token))
 
         listen = free_port()
-        config = scratch_dir(self) / "haproxy.cfg"
-        config.write_text(HAPROXY_CONFIG.format(listen=listen, a=a.port, b=b.port))
-        balancer = subprocess.Popen(
-            [haproxy, "-db", "-f", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def stop_balancer() -> None:
-            balancer.terminate()
-            try:
-                balancer.wait(10)
-            except subprocess.TimeoutExpired:
-                balancer.kill()
-                balancer.wait()
-
-        self.addCleanup(stop_balancer)
+        start_haproxy(self, HAPROXY_CONFIG.format(listen=listen, a=a.port, b=b.port))
         url = f"https://127.0.0.1:{listen}"
         wait_until(lambda: _accepts(listen), 10, "haproxy to listen")
 
