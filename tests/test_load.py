@@ -262,7 +262,10 @@ class LoadTests(TestCase):
             (summary["requests"], summary["verified"], summary["mismatched"]), (500, 500, 0)
         )
         self.assertEqual((summary["failed"], summary["retries"]), ({}, 0))
-        self.assertEqual(set(summary["latency_ms"]), {"p50", "p90", "p99", "max"})
+        self.assertEqual(
+            set(summary["latency_ms"]),
+            {"p50", "p75", "p90", "p99", "p99.9", "p99.99", "max", "mean", "stdev"},
+        )
         # Each client its own connection, all of them open at once.
         self.assertEqual((counter.total, counter.peak), (500, 500))
 

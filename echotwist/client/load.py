@@ -25,6 +25,8 @@ the clients over N processes (L{echotwist.client.processes}).
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import resource
 import time
@@ -34,15 +36,18 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.python import usage
 
 from echotwist.client.cli import ConnectionOptions, _warn
 from echotwist.client.connection import ClosedBeforeAnswer, EchoConnection, request_head
 from echotwist.client.interrupt import Interruption
-from echotwist.client.outcome import Cause, Problem, StatusError, classify
-from echotwist.client.processes import Children, write_latencies
+from echotwist.client.live import LiveLine, SecondTicker
+from echotwist.client.outcome import Cause, ExitCode, Problem, StatusError, classify
+from echotwist.client.processes import Children, write_record
+from echotwist.client.record import RunRecord, save
 from echotwist.client.send import compare, request_headers
-from echotwist.client.stats import Summary, Tally, summarize
+from echotwist.client.stats import Tally
 from echotwist.options import seconds, whole_number
 from echotwist.transport import TLSClientEndpoint
 
@@ -52,10 +57,23 @@ DEFAULT_SIZE = 64
 TAG_BYTES = 8
 #: Open files kept free beyond one per client (the reactor, logs, the CA file...).
 SPARE_FILES = 64
-#: Seconds between refreshes of the progress line.
-PROGRESS_INTERVAL = 0.2
 #: Longest interval between two timeout sweeps (see L{LoadRun.expire}).
 MAX_SWEEP_INTERVAL = 0.5
+
+
+#: The highest --rate accepted: far beyond what any number of processes here could send.
+MAX_RATE = 10_000_000.0
+
+
+def positive_rate(value: str) -> float:
+    """C{--rate}: requests per second, more than 0 (and not absurd)."""
+    try:
+        rate = float(value)
+    except ValueError:
+        raise usage.UsageError(f"--rate must be requests per second, not {value!r}") from None
+    if not 0 < rate <= MAX_RATE:  # also refuses nan
+        raise usage.UsageError(f"--rate must be more than 0 and at most {MAX_RATE:g} requests/s")
+    return rate
 
 
 class LoadOptions(ConnectionOptions):
@@ -63,7 +81,7 @@ class LoadOptions(ConnectionOptions):
 
     synopsis = (
         "[--host URL] [--clients N] [--requests M | --duration SECONDS] [--size BYTES] "
-        "[--json] [--token T]"
+        "[--rate R] [--latency] [--json] [--out FILE] [--token T]"
     )
     longdesc = (
         "Open N TLS connections to HOST/echo at once; on each, send requests one after "
@@ -77,6 +95,12 @@ class LoadOptions(ConnectionOptions):
 
     optFlags: list[list[Any]] = [
         ["json", None, "Print the summary as one JSON object (and no progress line)."],
+        [
+            "latency",
+            None,
+            "Also print the latency percentile spectrum, as wrk2 does (with --json: "
+            "a 'spectrum' key).",
+        ],
     ]
     optParameters: list[list[Any]] = [
         [
@@ -121,17 +145,32 @@ class LoadOptions(ConnectionOptions):
             whole_number("--processes", minimum=1),
         ],
         [
-            "latencies-fd",
+            "rate",
+            "R",
+            None,
+            "Open model: send this many requests a second over all clients, at fixed "
+            "intervals, and measure each latency from when its request was due "
+            "(corrected for coordinated omission, as wrk2).  Default: a closed loop, "
+            "each client as fast as its answers come.",
+            positive_rate,
+        ],
+        ["out", "o", None, "Save the whole run as JSON in this file (for merge and report)."],
+        [
+            "record-fd",
             None,
             None,
-            "(internal, for --processes) write every latency to this fd.",
-            whole_number("--latencies-fd", minimum=3),
+            "(internal, for --processes) write the run record to this fd.",
+            whole_number("--record-fd", minimum=3),
         ],
     ]
 
     def postOptions(self) -> None:
         if self["requests"] is None and self["duration"] is None:
             self["requests"] = self["clients"]
+        if self["out"] is not None:
+            folder = os.path.dirname(os.path.abspath(self["out"]))
+            if not os.access(folder, os.W_OK):
+                raise usage.UsageError(f"--out {self['out']}: cannot write in {folder}")
         super().postOptions()
 
 
@@ -142,13 +181,16 @@ class LoadRun:
     @ivar tally: the outcomes so far (read by the progress line).
     """
 
-    def __init__(self, reactor: Any, options: LoadOptions) -> None:
+    def __init__(self, reactor: Any, options: LoadOptions, clients: int) -> None:
         self._reactor = reactor
         self._timeout: float = options["timeout"]
         self._size: int = options["size"]
         self._limit: int | None = options["requests"]
-        duration: float | None = options["duration"]
-        self._deadline = None if duration is None else time.monotonic() + duration
+        self._duration: float | None = options["duration"]
+        self._rate: float | None = options["rate"]
+        self._clients = clients
+        self._start = time.perf_counter()
+        self._deadline: float | None = None
         url = urlsplit(options["host"])
         self._hostname: str = url.hostname or ""
         self._port: int = url.port or 443
@@ -165,8 +207,17 @@ class LoadRun:
         self._issued = 0
         self._open: set[EchoConnection] = set()
         self._connecting: set[Deferred[EchoConnection]] = set()
+        self._sleeping: set[Deferred[None]] = set()
         self.interrupted = False
         self.tally = Tally()
+        #: The C{Server} header of the first verified answer (for the run record).
+        self.server: str | None = None
+
+    def begin(self) -> None:
+        """The measured run starts now: C{--duration} and the C{--rate} schedule count from here."""
+        self._start = time.perf_counter()
+        if self._duration is not None:
+            self._deadline = self._start + self._duration
 
     @property
     def total(self) -> int | None:
@@ -180,7 +231,7 @@ class LoadRun:
             return None
         if self._limit is not None and seq >= self._limit:
             return None
-        if self._deadline is not None and seq and time.monotonic() >= self._deadline:
+        if self._deadline is not None and seq and time.perf_counter() >= self._deadline:
             return None
         self._issued = seq + 1
         return seq
@@ -190,10 +241,53 @@ class LoadRun:
         return seq.to_bytes(TAG_BYTES, "big") + self._random.randbytes(self._size - TAG_BYTES)
 
     async def client(self) -> None:
-        """One client: requests one after another on its own connection."""
+        """One client of the closed loop: requests one after another on its own connection."""
         connection: EchoConnection | None = None
         while (seq := self._next()) is not None:
             connection = await self._request(connection, seq)
+
+    async def paced_client(self, index: int, connection: EchoConnection | None) -> None:
+        """
+        One client of the open model (C{--rate R}): request M{n} of the run is
+        due M{n/R} seconds after L{begin}, and client C{index} of C clients
+        sends requests C{index}, C{index + C}, ...  A request whose client is
+        still waiting for its previous answer goes out late, and its latency
+        still counts from when it was due: a stall shows as latency (wrk2's
+        correction for coordinated omission), not as a lower rate.
+        """
+        assert self._rate is not None
+        interval = 1.0 / self._rate
+        seq = index
+        while not self.interrupted:
+            due = self._start + seq * interval
+            if self._limit is not None and seq >= self._limit:
+                return
+            if self._deadline is not None and due >= self._deadline:
+                return
+            wait = due - time.perf_counter()
+            if wait > 0:
+                sleeping: Deferred[None] = deferLater(self._reactor, wait)
+                self._sleeping.add(sleeping)
+                try:
+                    await sleeping
+                except CancelledError:
+                    return  # interrupted
+                finally:
+                    self._sleeping.discard(sleeping)
+            self._issued += 1
+            connection = await self._request(connection, seq, due)
+            seq += self._clients
+
+    async def connect_quietly(self) -> EchoConnection | None:
+        """
+        A connection made before an open-model run starts (so that the TLS
+        handshakes are not in its latencies); L{None} if it failed: the first
+        request then connects again, and that failure is counted.
+        """
+        try:
+            return await self._connect_within_timeout()
+        except Exception:
+            return None
 
     async def _connect(self) -> EchoConnection:
         endpoint = TLSClientEndpoint(
@@ -207,12 +301,19 @@ class LoadRun:
         connection.closed.addBoth(lambda _: self._open.discard(connection))
         return connection
 
-    async def _request(self, connection: EchoConnection | None, seq: int) -> EchoConnection | None:
-        """Send request C{seq} and record its outcome; return the connection to go on with."""
+    async def _request(
+        self, connection: EchoConnection | None, seq: int, due: float | None = None
+    ) -> EchoConnection | None:
+        """
+        Send request C{seq} and record its outcome; return the connection to go
+        on with.  Its latency counts from C{due} when given (the open model),
+        else from now; its C{--timeout} counts from now.
+        """
         body = self.payload(seq)
         data = self._head + b"%d\r\n\r\n" % len(body) + body
         tally = self.tally
-        started = time.perf_counter()
+        sent = time.perf_counter()
+        started = sent if due is None else due
         latency: float | None = None
         for attempt in (1, 2):
             reused = False
@@ -223,7 +324,7 @@ class LoadRun:
                         raise CancelledError()
                 reused = connection.answered > 0
                 # No timer here: expire() sweeps every connection periodically.
-                response = await connection.request(data, started)
+                response = await connection.request(data, sent)
             except ClosedBeforeAnswer as e:
                 if attempt == 1 and reused and not e.answer_started and not self.interrupted:
                     # The server closed the kept-alive connection as the request
@@ -240,6 +341,8 @@ class LoadRun:
                     problem = classify(StatusError(response.status, response.reason, response.body))
                 elif response.body == body:
                     tally.record_verified(latency)
+                    if self.server is None:
+                        self.server = _server_header(response.headers)
                     return connection
                 else:
                     problem = Problem(Cause.MISMATCH, str(compare(body, response.body)))
@@ -282,12 +385,19 @@ class LoadRun:
         self.interrupted = True
         for connecting in list(self._connecting):
             connecting.cancel()
+        for sleeping in list(self._sleeping):
+            sleeping.cancel()
         for connection in list(self._open):
             connection.abandon()
 
     async def close(self) -> None:
         """Close every connection still open, and wait until they are."""
         await gatherResults([c.close(self._reactor) for c in list(self._open)])
+
+
+def _server_header(headers: dict[bytes, list[bytes]]) -> str:
+    """What the server calls itself (C{Server}), or C{""} when it does not say."""
+    return b", ".join(headers.get(b"server", [])).decode("latin-1")
 
 
 def ensure_open_files(clients: int) -> str | None:
@@ -310,35 +420,6 @@ def ensure_open_files(clients: int) -> str | None:
     return None
 
 
-class _Progress:
-    """The live progress line: tqdm on stderr, refreshed on a timer."""
-
-    def __init__(self, reactor: Any, run: LoadRun, stderr: TextIO) -> None:
-        from tqdm import tqdm  # only a terminal run pays for the import
-
-        self._run = run
-        self._bar = tqdm(
-            total=run.total,
-            unit="req",
-            file=stderr,
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=0,
-        )
-        self._loop = LoopingCall(self._refresh)
-        self._loop.clock = reactor
-        self._loop.start(PROGRESS_INTERVAL, now=False)
-
-    def _refresh(self) -> None:
-        tally = self._run.tally
-        self._bar.set_postfix(errors=tally.errors, refresh=False)
-        self._bar.update(tally.requests - self._bar.n)
-
-    def close(self) -> None:
-        self._loop.stop()
-        self._bar.close()
-
-
 async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: TextIO) -> int:
     """Run the load described by C{options}; print the summary; return the exit code."""
     if options["insecure"]:
@@ -353,31 +434,91 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
     if problem is not None:
         _warn(stderr, f"error: {problem}")
         return 2
-    load = LoadRun(reactor, options)
+    load = LoadRun(reactor, options, clients)
     interruption = Interruption(reactor, lambda _: load.interrupt())
     interruption.install()
-    progress = _Progress(reactor, load, stderr) if stdout.isatty() and not options["json"] else None
     sweep = LoopingCall(load.expire)
     sweep.clock = reactor
     sweep.start(load.sweep_interval, now=False)
-    started = time.perf_counter()
+    ticker = SecondTicker(reactor, load.tally)
+    live: LiveLine | None = None
     try:
-        await gatherResults(
-            [Deferred.fromCoroutine(load.client()) for _ in range(clients)], consumeErrors=True
-        )
+        if options["rate"] is not None:
+            # Connected before the clock starts: the handshakes are not latency.
+            ready = [Deferred.fromCoroutine(load.connect_quietly()) for _ in range(clients)]
+            connections = await gatherResults(ready)
+            coroutines = [load.paced_client(i, c) for i, c in enumerate(connections)]
+        else:
+            coroutines = [load.client() for _ in range(clients)]
+        ticker.start()
+        if stdout.isatty() and not options["json"]:
+            live = LiveLine(reactor, load.tally, ticker, load.total, stderr)
+        started_at = time.time()
+        load.begin()
+        started = time.perf_counter()
+        await gatherResults([Deferred.fromCoroutine(c) for c in coroutines], consumeErrors=True)
         elapsed = time.perf_counter() - started
     finally:
         sweep.stop()
-        if progress is not None:
-            progress.close()
+        ticker.stop()
+        if live is not None:
+            live.close()
         # Held to the end, so that all the clients' connections were open at once.
         await load.close()
         interruption.uninstall()
-    if options["latencies-fd"] is not None:
-        write_latencies(options["latencies-fd"], load.tally.latencies)
-    summary = summarize(load.tally, elapsed, interrupted=load.interrupted)
-    _report(summary, load.tally, options["json"], stdout, stderr)
-    return _exit_code(load.tally, interruption, stderr)
+    record = RunRecord.of_run(
+        load.tally, dict(options), started_at, elapsed, load.server, load.interrupted
+    )
+    return _finish(record, options, interruption, stdout, stderr)
+
+
+def _finish(
+    record: RunRecord,
+    options: LoadOptions,
+    interruption: Interruption,
+    stdout: BinaryIO,
+    stderr: TextIO,
+) -> int:
+    """Hand the record on (C{--record-fd}, C{--out}), report it, and say the exit code."""
+    if options["record-fd"] is not None:
+        write_record(options["record-fd"], record)
+    if options["out"] is not None:
+        try:
+            save(record, options["out"])
+        except OSError as e:
+            _warn(stderr, f"error: cannot save --out {options['out']}: {e.strerror or e}")
+    summary = record.summary()
+    if options["json"]:
+        data = summary.to_dict()
+        if options["latency"]:
+            data["spectrum"] = record.tally.histogram.spectrum_points()
+        text = json.dumps(data) + "\n"
+    else:
+        text = summary.to_text()
+        if options["latency"]:
+            text += "\n" + record.tally.histogram.spectrum()
+    stdout.write(text.encode("utf-8"))
+    stdout.flush()
+    tally = record.tally
+    if summary.kept_up is False and not summary.interrupted:
+        _warn(
+            stderr,
+            f"warning: asked for {summary.rate_asked:g} requests/s, achieved {summary.rps:.1f}: "
+            "the server or this client could not keep up (see the latencies; more --clients "
+            "or --processes if this client is the limit)",
+        )
+    if tally.errors:
+        shown = len(tally.first_failures)
+        # (--processes: each child has described its own first failures.)
+        _warn(
+            stderr,
+            f"error: {tally.errors} of {tally.requests} requests did not verify"
+            + (f"; the first {shown}:" if shown else ""),
+        )
+        for problem in tally.first_failures:
+            stderr.write(f"  {problem.cause.value}: {problem.message}\n")
+        stderr.flush()
+    return _exit_code(tally, interruption, stderr)
 
 
 def _exit_code(tally: Tally, interruption: Interruption, stderr: TextIO) -> int:
@@ -410,31 +551,11 @@ async def _run_processes(
     interruption = Interruption(reactor, children.signal)
     interruption.install()
     try:
-        tally, elapsed, failed_code = await children.run(options, processes, clients)
+        record, failed_code = await children.run(options, processes, clients)
     finally:
         interruption.uninstall()
-    if failed_code is not None:
+    if failed_code is not None or record is None:
         _warn(stderr, "error: a load process ended without a summary")
-        return failed_code
-    summary = summarize(tally, elapsed, interrupted=interruption.signum is not None)
-    _report(summary, tally, options["json"], stdout, stderr)
-    return _exit_code(tally, interruption, stderr)
-
-
-def _report(
-    summary: Summary, tally: Tally, as_json: bool, stdout: BinaryIO, stderr: TextIO
-) -> None:
-    text = summary.to_json() + "\n" if as_json else summary.to_text()
-    stdout.write(text.encode("utf-8"))
-    stdout.flush()
-    if tally.errors:
-        shown = len(tally.first_failures)
-        # (--processes: each child has described its own first failures.)
-        _warn(
-            stderr,
-            f"error: {tally.errors} of {tally.requests} requests did not verify"
-            + (f"; the first {shown}:" if shown else ""),
-        )
-        for problem in tally.first_failures:
-            stderr.write(f"  {problem.cause.value}: {problem.message}\n")
-        stderr.flush()
+        return failed_code or ExitCode.TRANSPORT
+    record.interrupted = record.interrupted or interruption.signum is not None
+    return _finish(record, options, interruption, stdout, stderr)
