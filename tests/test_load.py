@@ -393,6 +393,29 @@ class LoadTests(TestCase):
             self.assertIn(label, text)
         self.assertIn("req", stderr.getvalue())  # tqdm's line, e.g. "123req [00:00, 205req/s]"
 
+    async def test_latency_prints_the_percentile_spectrum(self) -> None:
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        code, summary, _ = await load(port, token, "--clients=5", "--requests=200", "--latency")
+        self.assertEqual(code, 0)
+        text = summary["text"]
+        self.assertIn("Latency Distribution (HdrHistogram - Recorded Latency)", text)
+        self.assertIn("Detailed Percentile spectrum:", text)
+        self.assertRegex(text, r"#\[Max     = +\d+\.\d{3}, Total count    = +200\]")
+
+    async def test_latency_with_json_adds_the_spectrum(self) -> None:
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        code, summary, _ = await load(
+            port, token, "--clients=5", "--requests=200", "--latency", "--json"
+        )
+        self.assertEqual(code, 0)
+        points = summary["spectrum"]
+        self.assertEqual(points[-1][1:], [100.0, 200])  # the last point: 100%, every request
+        values = [value for value, _, _ in points]
+        self.assertEqual(values, sorted(values))
+        self.assertAlmostEqual(points[-1][0], summary["latency_ms"]["max"], places=3)
+
     async def test_size_must_leave_room_for_the_sequence_number(self) -> None:
         stderr = io.StringIO()
         argv = ["load", "--size=4", "--token=" + tokens.generate_token()]
@@ -538,6 +561,14 @@ class InterruptTests(TestCase):
         self.assertGreater(summary["verified"], 0)
         self.assertEqual(summary["requests"], summary["verified"])
         self.assertLess(took, 3.0)  # "within a second", with room for a noisy machine
+
+    def test_sigint_during_a_paced_run_exits_130_at_once(self) -> None:
+        # Between requests a paced client sleeps: the signal must cut that short too.
+        summary, code, took, _ = self._interrupted_run(signal.SIGINT, "--rate=300")
+        self.assertEqual(code, 130)
+        self.assertIs(summary["interrupted"], True)
+        self.assertEqual(summary["rate_asked"], 300.0)
+        self.assertLess(took, 3.0)
 
     def test_sigterm_with_two_processes_exits_143_and_leaves_no_process(self) -> None:
         summary, code, took, children = self._interrupted_run(signal.SIGTERM, "--processes=2")
