@@ -223,11 +223,19 @@ class RunRecord:
 
 
 def save(record: RunRecord, path: str | os.PathLike[str]) -> None:
-    """Write C{record} to C{path} (replaced atomically, so a reader never sees half)."""
+    """Write C{record} to C{path}."""
+    write_atomically(path, record.to_json().encode("utf-8"))
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write C{data} to C{path}, replaced atomically: a reader never sees half a file."""
     target = Path(path)
     partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    partial.write_text(record.to_json(), encoding="utf-8")
-    os.replace(partial, target)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load(path: str | os.PathLike[str]) -> RunRecord:
