@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 from hdrh.histogram import HdrHistogram
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from echotwist.client.histogram import PERCENTILES, HistogramError, LatencyHistogram
@@ -29,6 +31,20 @@ class HistogramTests(TestCase):
             self.assertGreaterEqual(value, exact)
             self.assertLess(value, exact * 1.001)
         self.assertEqual(set(summary), {*(n for n, _ in PERCENTILES), "max", "mean", "stdev"})
+
+    @settings(max_examples=12, deadline=None)
+    @given(st.lists(st.floats(min_value=0, max_value=4000, allow_nan=False), min_size=1))
+    def test_the_fast_walk_answers_as_hdrhistogram_does(self, latencies: list[float]) -> None:
+        histogram = LatencyHistogram()
+        histogram.record_all(latencies)
+        hdr = HdrHistogram(1, 3_600_000_000, 3)
+        for seconds in latencies:
+            hdr.record_value(min(max(int(seconds * 1_000_000 + 0.5), 1), 3_600_000_000))
+        summary = histogram.summary_ms()
+        for name, percent in PERCENTILES:
+            self.assertEqual(summary[name], hdr.get_value_at_percentile(percent) / 1000)
+        self.assertAlmostEqual(summary["mean"], hdr.get_mean_value() / 1000)  # type: ignore[arg-type]
+        self.assertAlmostEqual(summary["stdev"], hdr.get_stddev() / 1000)  # type: ignore[arg-type]
 
     def test_an_empty_histogram_has_no_values(self) -> None:
         self.assertEqual(set(LatencyHistogram().summary_ms().values()), {None})
