@@ -30,6 +30,7 @@ import os
 import random
 import resource
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
@@ -38,12 +39,27 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from echotwist.client.cli import ConnectionOptions, _warn
-from echotwist.client.connection import ClosedBeforeAnswer, EchoConnection, request_head
+from echotwist.client.connection import (
+    ClosedBeforeAnswer,
+    EchoConnection,
+    Response,
+    request_head,
+)
+from echotwist.client.h2connection import ALPNCreator, H2EchoConnection
 from echotwist.client.interrupt import Interruption
 from echotwist.client.live import LiveLine, SecondTicker
-from echotwist.client.outcome import Cause, ExitCode, Problem, StatusError, classify
+from echotwist.client.outcome import (
+    Cause,
+    ExitCode,
+    GoAwayError,
+    Problem,
+    StatusError,
+    classify,
+)
 from echotwist.client.processes import Children, write_record
 from echotwist.client.record import RunRecord, save
 from echotwist.client.send import compare, request_headers
@@ -61,6 +77,8 @@ SPARE_FILES = 64
 MAX_SWEEP_INTERVAL = 0.5
 
 
+#: The most --streams per HTTP/2 connection accepted (servers allow ~100-250 at once).
+MAX_STREAMS = 1000
 #: The highest --rate accepted: far beyond what any number of processes here could send.
 MAX_RATE = 10_000_000.0
 
@@ -81,7 +99,7 @@ class LoadOptions(ConnectionOptions):
 
     synopsis = (
         "[--host URL] [--clients N] [--requests M | --duration SECONDS] [--size BYTES] "
-        "[--rate R] [--latency] [--json] [--out FILE] [--token T]"
+        "[--rate R] [--http2 [--streams N]] [--latency] [--json] [--out FILE] [--token T]"
     )
     longdesc = (
         "Open N TLS connections to HOST/echo at once; on each, send requests one after "
@@ -95,6 +113,12 @@ class LoadOptions(ConnectionOptions):
 
     optFlags: list[list[Any]] = [
         ["json", None, "Print the summary as one JSON object (and no progress line)."],
+        [
+            "http2",
+            None,
+            "HTTP/2: each client is one connection carrying --streams requests at once "
+            "(the server must agree to h2 in ALPN).",
+        ],
         [
             "latency",
             None,
@@ -154,6 +178,13 @@ class LoadOptions(ConnectionOptions):
             "each client as fast as its answers come.",
             positive_rate,
         ],
+        [
+            "streams",
+            "m",
+            None,
+            f"With --http2: concurrent streams per connection (default 1, at most {MAX_STREAMS}).",
+            whole_number("--streams", minimum=1),
+        ],
         ["out", "o", None, "Save the whole run as JSON in this file (for merge and report)."],
         [
             "record-fd",
@@ -167,6 +198,11 @@ class LoadOptions(ConnectionOptions):
     def postOptions(self) -> None:
         if self["requests"] is None and self["duration"] is None:
             self["requests"] = self["clients"]
+        if self["streams"] is not None and not self["http2"]:
+            raise usage.UsageError("--streams needs --http2 (HTTP/1.1 sends one request at a time)")
+        if self["streams"] is not None and self["streams"] > MAX_STREAMS:
+            raise usage.UsageError(f"--streams must be at most {MAX_STREAMS}")
+        self["streams"] = self["streams"] or 1
         if self["out"] is not None:
             folder = os.path.dirname(os.path.abspath(self["out"]))
             if not os.access(folder, os.W_OK):
@@ -188,6 +224,11 @@ class LoadRun:
         self._limit: int | None = options["requests"]
         self._duration: float | None = options["duration"]
         self._rate: float | None = options["rate"]
+        self._http2: bool = bool(options["http2"])
+        self._streams: int = options["streams"] if self._http2 else 1
+        #: Each client's requests go one at a time (HTTP/1.1) or --streams at once
+        #: (HTTP/2): this many loops send, each its own series of requests.
+        self.senders = clients * self._streams
         self._clients = clients
         self._start = time.perf_counter()
         self._deadline: float | None = None
@@ -202,11 +243,19 @@ class LoadRun:
         self._creator = options["policy"].creatorForNetloc(
             self._hostname.encode("ascii"), self._port
         )
-        self._factory = Factory.forProtocol(EchoConnection)
+        self._factory: Factory = Factory.forProtocol(EchoConnection)
+        self._send: Any = self._request
+        if self._http2:
+            self._h2_head = h2_request_headers(path, headers)
+            self._creator = ALPNCreator(self._creator)
+            self._factory = Factory.forProtocol(H2EchoConnection)
+            self._send = self._h2_request
         self._random = random.Random()  # payloads need to be unique, not secret
         self._issued = 0
-        self._open: set[EchoConnection] = set()
-        self._connecting: set[Deferred[EchoConnection]] = set()
+        self._open: set[Any] = set()  # EchoConnection or H2EchoConnection
+        self._connecting: set[Deferred[Any]] = set()
+        #: Why the run stopped early: the server refused HTTP/2 (it would refuse every request).
+        self._refused: Problem | None = None
         self._sleeping: set[Deferred[None]] = set()
         self.interrupted = False
         self.tally = Tally()
@@ -227,7 +276,7 @@ class LoadRun:
     def _next(self) -> int | None:
         """The next request's sequence number, or L{None} when the run is over."""
         seq = self._issued
-        if self.interrupted:
+        if self.interrupted or self._refused is not None:
             return None
         if self._limit is not None and seq >= self._limit:
             return None
@@ -240,17 +289,27 @@ class LoadRun:
         """A payload no other request of this run carries: the number, then random bytes."""
         return seq.to_bytes(TAG_BYTES, "big") + self._random.randbytes(self._size - TAG_BYTES)
 
-    async def client(self) -> None:
-        """One client of the closed loop: requests one after another on its own connection."""
-        connection: EchoConnection | None = None
-        while (seq := self._next()) is not None:
-            connection = await self._request(connection, seq)
+    def lanes(self) -> list[Any]:
+        """
+        What each sender sends on: its own connection (HTTP/1.1, made when
+        first needed: L{None}), or its client's HTTP/2 connection, shared by
+        --streams senders (an L{_H2Lane}).
+        """
+        if not self._http2:
+            return [None] * self.senders
+        shared = [_H2Lane(self._connect_within_timeout) for _ in range(self._clients)]
+        return [shared[i // self._streams] for i in range(self.senders)]
 
-    async def paced_client(self, index: int, connection: EchoConnection | None) -> None:
+    async def client(self, lane: Any = None) -> None:
+        """One sender of the closed loop: requests one after another, each when the last is done."""
+        while (seq := self._next()) is not None:
+            lane = await self._send(lane, seq)
+
+    async def paced_client(self, index: int, lane: Any) -> None:
         """
         One client of the open model (C{--rate R}): request M{n} of the run is
-        due M{n/R} seconds after L{begin}, and client C{index} of C clients
-        sends requests C{index}, C{index + C}, ...  A request whose client is
+        due M{n/R} seconds after L{begin}, and sender C{index} of S senders
+        sends requests C{index}, C{index + S}, ...  A request whose sender is
         still waiting for its previous answer goes out late, and its latency
         still counts from when it was due: a stall shows as latency (wrk2's
         correction for coordinated omission), not as a lower rate.
@@ -258,7 +317,7 @@ class LoadRun:
         assert self._rate is not None
         interval = 1.0 / self._rate
         seq = index
-        while not self.interrupted:
+        while not self.interrupted and self._refused is None:
             due = self._start + seq * interval
             if self._limit is not None and seq >= self._limit:
                 return
@@ -275,30 +334,34 @@ class LoadRun:
                 finally:
                     self._sleeping.discard(sleeping)
             self._issued += 1
-            connection = await self._request(connection, seq, due)
-            seq += self._clients
+            lane = await self._send(lane, seq, due)
+            seq += self.senders
 
-    async def connect_quietly(self) -> EchoConnection | None:
+    async def connect_quietly(self, lane: Any) -> Any:
         """
-        A connection made before an open-model run starts (so that the TLS
-        handshakes are not in its latencies); L{None} if it failed: the first
-        request then connects again, and that failure is counted.
+        The lane of a sender, connected before an open-model run starts (so
+        that the TLS handshakes are not in its latencies).  If that fails, the
+        first request connects again, and that failure is counted.
         """
         try:
+            if isinstance(lane, _H2Lane):
+                await lane.connection()
+                return lane
             return await self._connect_within_timeout()
         except Exception:
-            return None
+            return lane
 
-    async def _connect(self) -> EchoConnection:
+    async def _connect(self) -> Any:
         endpoint = TLSClientEndpoint(
             self._creator,
             HostnameEndpoint(self._reactor, self._hostname, self._port, timeout=self._timeout),
             self._reactor,
         )
         connection = await endpoint.connect(self._factory)
-        assert isinstance(connection, EchoConnection)
         self._open.add(connection)
         connection.closed.addBoth(lambda _: self._open.discard(connection))
+        if isinstance(connection, H2EchoConnection):
+            await connection.ready  # TLS done and h2 agreed (else HTTP2RefusedError)
         return connection
 
     async def _request(
@@ -337,22 +400,69 @@ class LoadRun:
                 problem = classify(e, timeout=self._timeout)
             else:
                 latency = time.perf_counter() - started
-                if response.status != 200:
-                    problem = classify(StatusError(response.status, response.reason, response.body))
-                elif response.body == body:
-                    tally.record_verified(latency)
-                    if self.server is None:
-                        self.server = _server_header(response.headers)
+                found = self._judge(body, response, latency)
+                if found is None:
                     return connection
-                else:
-                    problem = Problem(Cause.MISMATCH, str(compare(body, response.body)))
+                problem = found
             break
+        self._failed(seq, problem, latency)
+        return connection
+
+    async def _h2_request(self, lane: _H2Lane, seq: int, due: float | None = None) -> _H2Lane:
+        """
+        L{_request} over HTTP/2: request C{seq} on a new stream of the lane's
+        connection.  A stream the server refused with GOAWAY was never
+        processed: it is sent again, once, on a new connection.
+        """
+        body = self.payload(seq)
+        headers = [*self._h2_head, (b"content-length", b"%d" % len(body))]
+        sent = time.perf_counter()
+        started = sent if due is None else due
+        latency: float | None = None
+        for attempt in (1, 2):
+            try:
+                connection = await lane.connection()
+                if self.interrupted:
+                    raise CancelledError()
+                response = await connection.request(headers, body, sent)
+            except GoAwayError as e:
+                if attempt == 1 and not self.interrupted:
+                    self.tally.retries += 1
+                    continue
+                problem = classify(e, timeout=self._timeout)
+            except Exception as e:
+                problem = classify(e, timeout=self._timeout)
+            else:
+                latency = time.perf_counter() - started
+                found = self._judge(body, response, latency)
+                if found is None:
+                    return lane
+                problem = found
+            break
+        if problem.cause is Cause.NO_HTTP2 and self._refused is None:
+            self._refused = problem  # every request would be refused alike: stop
+        self._failed(seq, problem, latency)
+        return lane
+
+    def _judge(self, body: bytes, response: Response, latency: float) -> Problem | None:
+        """Check an answer: record it if verified (L{None}), else say what is wrong."""
+        if response.status != 200:
+            return classify(StatusError(response.status, response.reason, response.body))
+        if response.body != body:
+            return Problem(Cause.MISMATCH, str(compare(body, response.body)))
+        self.tally.record_verified(latency)
+        if self.server is None:
+            self.server = _server_header(response.headers)
+        return None
+
+    def _failed(self, seq: int, problem: Problem, latency: float | None) -> None:
+        """Count request C{seq} as failed, unless a signal cut it short (abandoned)."""
         if self.interrupted and latency is None:
             # Cut short by Ctrl-C or SIGTERM: not the server's failure.
-            tally.abandoned += 1
-            return connection
-        tally.record_problem(Problem(problem.cause, f"request {seq}: {problem.message}"), latency)
-        return connection
+            self.tally.abandoned += 1
+            return
+        problem = Problem(problem.cause, f"request {seq}: {problem.message}")
+        self.tally.record_problem(problem, latency)
 
     def expire(self) -> None:
         """
@@ -368,7 +478,7 @@ class LoadRun:
     def sweep_interval(self) -> float:
         return min(self._timeout / 4, MAX_SWEEP_INTERVAL)
 
-    async def _connect_within_timeout(self) -> EchoConnection:
+    async def _connect_within_timeout(self) -> Any:
         connecting = Deferred.fromCoroutine(self._connect())
         connecting.addTimeout(self._timeout, self._reactor)
         self._connecting.add(connecting)
@@ -393,6 +503,53 @@ class LoadRun:
     async def close(self) -> None:
         """Close every connection still open, and wait until they are."""
         await gatherResults([c.close(self._reactor) for c in list(self._open)])
+
+
+class _H2Lane:
+    """
+    One client's HTTP/2 connection, shared by its --streams senders: made
+    when first needed and again once it is no longer usable, once for all.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[H2EchoConnection]]) -> None:
+        self._connect = connect
+        self._connection: H2EchoConnection | None = None
+        self._waiting: list[Deferred[H2EchoConnection]] | None = None
+
+    async def connection(self) -> H2EchoConnection:
+        current = self._connection
+        if current is not None and current.usable:
+            return current
+        waiting: Deferred[H2EchoConnection] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiting)  # another sender is connecting: wait for it
+            return await waiting
+        self._waiting = [waiting]
+        outcome: H2EchoConnection | Failure
+        try:
+            outcome = self._connection = await self._connect()
+        except BaseException:
+            outcome = Failure()
+        waiters, self._waiting = self._waiting, None
+        for each in waiters:
+            if isinstance(outcome, Failure):
+                each.errback(outcome)
+            else:
+                each.callback(outcome)
+        return await waiting
+
+
+def h2_request_headers(path: bytes, headers: Headers) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 header block of a C{POST}, but for its C{content-length}."""
+    block = [(b":method", b"POST"), (b":scheme", b"https")]
+    rest: list[tuple[bytes, bytes]] = []
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered == b"host":
+            block.append((b":authority", values[0]))
+        elif lowered not in (b"connection", b"keep-alive", b"transfer-encoding"):
+            rest += [(lowered, value) for value in values]
+    return [*block, (b":path", path), *rest]
 
 
 def _server_header(headers: dict[bytes, list[bytes]]) -> str:
@@ -443,13 +600,14 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
     ticker = SecondTicker(reactor, load.tally)
     live: LiveLine | None = None
     try:
+        lanes = load.lanes()
         if options["rate"] is not None:
             # Connected before the clock starts: the handshakes are not latency.
-            ready = [Deferred.fromCoroutine(load.connect_quietly()) for _ in range(clients)]
-            connections = await gatherResults(ready)
-            coroutines = [load.paced_client(i, c) for i, c in enumerate(connections)]
+            ready = [Deferred.fromCoroutine(load.connect_quietly(lane)) for lane in lanes]
+            lanes = await gatherResults(ready)
+            coroutines = [load.paced_client(i, lane) for i, lane in enumerate(lanes)]
         else:
-            coroutines = [load.client() for _ in range(clients)]
+            coroutines = [load.client(lane) for lane in lanes]
         ticker.start()
         if stdout.isatty() and not options["json"]:
             live = LiveLine(reactor, load.tally, ticker, load.total, stderr)

@@ -71,6 +71,8 @@ def child_argv(
         argv += ["--duration", repr(options["duration"])]
     if rate is not None:
         argv += ["--rate", repr(rate)]
+    if options["http2"]:
+        argv += ["--http2", "--streams", str(options["streams"])]
     if options["insecure"]:
         argv.append("--insecure")
     elif options["cacert"] is not None:
