@@ -391,7 +391,23 @@ class LoadTests(TestCase):
         text = stdout.getvalue().decode()
         for label in ("requests", "verified", "mismatched", "failed", "elapsed", "latency"):
             self.assertIn(label, text)
-        self.assertIn("req", stderr.getvalue())  # tqdm's line, e.g. "123req [00:00, 205req/s]"
+        line = stderr.getvalue()
+        self.assertIn("req", line)  # tqdm's line, e.g. "123req [00:00, 205req/s, ...]"
+        # elapsed/total, the last second's rate, verified, errors and p99 so far
+        self.assertRegex(line, r"\d+/0\.6s now \d+/s verified \d+ errors 0 p99 ")
+        self.assertNotIn("verified", text.split("\n")[0])  # stdout has only the summary
+
+    async def test_no_live_line_with_json_even_on_a_terminal(self) -> None:
+        class Terminal(io.BytesIO):
+            def isatty(self) -> bool:
+                return True
+
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        code, _, stderr = await load(
+            port, token, "--clients=5", "--duration=0.6", "--json", stdout=Terminal()
+        )
+        self.assertEqual((code, stderr), (0, ""))
 
     async def test_latency_prints_the_percentile_spectrum(self) -> None:
         token = tokens.generate_token()

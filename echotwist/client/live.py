@@ -59,12 +59,20 @@ class LiveLine:
     """The live line: tqdm on stderr, refreshed on a timer rather than per request."""
 
     def __init__(
-        self, reactor: Any, tally: Tally, ticker: SecondTicker, total: int | None, stderr: TextIO
+        self,
+        reactor: Any,
+        tally: Tally,
+        ticker: SecondTicker,
+        total: int | None,
+        duration: float | None,
+        stderr: TextIO,
     ) -> None:
         from tqdm import tqdm  # only a terminal run pays for the import
 
         self._tally = tally
         self._ticker = ticker
+        self._duration = duration
+        self._started = time.monotonic()
         self._bar = tqdm(
             total=total,
             unit="req",
@@ -80,9 +88,12 @@ class LiveLine:
     def _refresh(self) -> None:
         tally = self._tally
         p99 = tally.histogram.percentile_ms(99) if tally.histogram.count else None
+        clock = ""
+        if self._duration is not None:  # (a count has its n/total in the bar already)
+            clock = f"{time.monotonic() - self._started:.0f}/{self._duration:g}s "
         self._bar.set_postfix_str(
-            f"now {self._ticker.last_rate}/s verified {tally.verified} errors {tally.errors} "
-            f"p99 {'-' if p99 is None else f'{p99:.1f}ms'}",
+            f"{clock}now {self._ticker.last_rate}/s verified {tally.verified} "
+            f"errors {tally.errors} p99 {'-' if p99 is None else f'{p99:.1f}ms'}",
             refresh=False,
         )
         self._bar.update(tally.requests - self._bar.n)

@@ -610,7 +610,7 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
             coroutines = [load.client(lane) for lane in lanes]
         ticker.start()
         if stdout.isatty() and not options["json"]:
-            live = LiveLine(reactor, load.tally, ticker, load.total, stderr)
+            live = LiveLine(reactor, load.tally, ticker, load.total, options["duration"], stderr)
         started_at = time.time()
         load.begin()
         started = time.perf_counter()
