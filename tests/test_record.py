@@ -95,6 +95,22 @@ class MergeProperties(TestCase):
         self.assertEqual(again.to_dict(), record.to_dict())
 
 
+class MergedRateTests(TestCase):
+    def test_the_asked_rate_of_runs_a_little_apart_is_over_the_merged_span(self) -> None:
+        one, two = a_record([(0, 0.001, True)] * 10), a_record([(0, 0.001, True)] * 10)
+        one.rate_asked = two.rate_asked = 100.0
+        two.sources[0].started_at += 0.5  # started half a second later
+        merged = merge([one, two])
+        self.assertAlmostEqual(merged.elapsed_s, 10.5)
+        # 100/s for 10 s each: 2000 requests asked over 10.5 s.
+        self.assertAlmostEqual(merged.summary().rate_asked or 0, 2000 / 10.5)
+
+    def test_a_closed_loop_among_the_runs_leaves_no_asked_rate(self) -> None:
+        one, two = a_record([(0, 0.001, True)]), a_record([(0, 0.001, True)])
+        one.rate_asked = 100.0
+        self.assertIsNone(merge([one, two]).rate_asked)
+
+
 class SavedFileTests(TestCase):
     def setUp(self) -> None:
         self.dir = scratch_dir(self)

@@ -261,8 +261,9 @@ def merge(records: list[RunRecord]) -> RunRecord:
     """
     Several runs as one, exactly: counts and histograms added, timelines
     merged second by second (wall clock), every source kept.  The asked rate
-    is the sum of the runs' (each machine sent its own); the options and
-    target are the first run's.
+    is what all the runs were asked to send over the merged span (about the
+    sum of their rates, when they ran together); the options and target are
+    the first run's.
     """
     if not records:
         raise ValueError("nothing to merge")
@@ -272,13 +273,18 @@ def merge(records: list[RunRecord]) -> RunRecord:
         tally.add(record.tally)
     failures = [p for r in records for p in r.tally.first_failures]
     tally.first_failures = failures[:FIRST_FAILURES]
-    rates = [r.rate_asked for r in records]
+    sources = [s for r in records for s in r.sources]
+    span = max(s.ended_at for s in sources) - min(s.started_at for s in sources)
+    # Asked of the merged run: what each run was asked to send, over the span
+    # from the first start to the last end (runs never start at quite the same
+    # instant, and the achieved rate is counted over that span too).
+    asked = [r.rate_asked * r.elapsed_s for r in records if r.rate_asked is not None]
     return RunRecord(
         tally=tally,
         target=first.target,
         options=first.options,
-        sources=[s for r in records for s in r.sources],
-        rate_asked=None if None in rates else sum(r for r in rates if r is not None),
+        sources=sources,
+        rate_asked=sum(asked) / span if len(asked) == len(records) and span > 0 else None,
         interrupted=any(r.interrupted for r in records),
         protocol=first.protocol,
     )
