@@ -25,13 +25,16 @@ from typing import Any
 from echotwist.client.record import RunRecord
 from echotwist.client.stats import Second
 
+#: One colour per run, the same in every plot (plotly's default sequence).
+_COLOURS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
+
 #: The spectrum's x-axis ticks: percentile levels, as HdrHistogram's plotter labels them.
 _TICKS = (0.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 2em; }
-table { border-collapse: collapse; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.8em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.name, th.name { text-align: left; }
 .plot { width: 100%; max-width: 1100px; height: 420px; }
@@ -73,7 +76,7 @@ def _spectrum(runs: list[tuple[str, RunRecord]]) -> Any:
     import plotly.graph_objects as go
 
     figure = go.Figure()
-    for name, record in runs:
+    for index, (name, record) in enumerate(runs):
         points = [p for p in record.tally.histogram.spectrum_points() if p[1] < 100.0]
         figure.add_trace(
             go.Scatter(
@@ -82,6 +85,7 @@ def _spectrum(runs: list[tuple[str, RunRecord]]) -> Any:
                 customdata=[percent for _, percent, _ in points],
                 mode="lines",
                 name=name,
+                line={"color": _colour(index)},
                 hovertemplate="%{customdata:.4f}%: %{y:.3f} ms<extra>" + name + "</extra>",
             )
         )
@@ -101,7 +105,7 @@ def _throughput(runs: list[tuple[str, RunRecord]]) -> Any:
     from plotly.subplots import make_subplots
 
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3])
-    for name, record in runs:
+    for index, (name, record) in enumerate(runs):
         seconds = _with_gaps(record.tally.timeline)
         times = [_when(t) for t, _ in seconds]
         figure.add_trace(
@@ -110,6 +114,7 @@ def _throughput(runs: list[tuple[str, RunRecord]]) -> Any:
                 y=[None if s is None else s.requests for _, s in seconds],
                 mode="lines+markers",
                 name=f"{name} requests/s",
+                line={"color": _colour(index)},
             ),
             row=1,
             col=1,
@@ -119,6 +124,7 @@ def _throughput(runs: list[tuple[str, RunRecord]]) -> Any:
                 x=times,
                 y=[None if s is None else s.errors for _, s in seconds],
                 name=f"{name} errors/s",
+                marker={"color": _colour(index)},
             ),
             row=2,
             col=1,
@@ -135,7 +141,7 @@ def _latency_over_time(runs: list[tuple[str, RunRecord]]) -> Any:
     import plotly.graph_objects as go
 
     figure = go.Figure()
-    for name, record in runs:
+    for index, (name, record) in enumerate(runs):
         seconds = _with_gaps(record.tally.timeline)
         times = [_when(t) for t, _ in seconds]
         for label, percent, dash in (("p50", 50.0, "solid"), ("p99", 99.0, "dot")):
@@ -147,7 +153,7 @@ def _latency_over_time(runs: list[tuple[str, RunRecord]]) -> Any:
                         for _, s in seconds
                     ],
                     mode="lines",
-                    line={"dash": dash},
+                    line={"dash": dash, "color": _colour(index)},
                     name=f"{name} {label}",
                 )
             )
@@ -222,6 +228,10 @@ def _with_gaps(timeline: list[Second]) -> list[tuple[int, Second | None]]:
             points.append((points[-1][0] + 1, None))
         points.append((second.t, second))
     return points
+
+
+def _colour(index: int) -> str:
+    return _COLOURS[index % len(_COLOURS)]
 
 
 def _when(unix: float) -> datetime.datetime:
