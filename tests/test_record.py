@@ -196,9 +196,11 @@ class MergeEndToEndTests(TestCase):
         env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
         env[tokens.ENV_VAR] = twistd.token
         runs = []
-        for name, extra in (("a", "--requests=300"), ("b", "--requests=200")):
+        for name in "ab":
+            # 2 s each, started together: under way at once (python starts in < 1 s).
             argv = [CLIENT, "load", f"--host={twistd.url}", f"--cacert={twistd.cafile}"]
-            argv += ["--clients=5", extra, "--json", f"--out={work / name}.json"]
+            argv += ["--clients=5", "--rate=200", "--duration=2", "--json"]
+            argv += [f"--out={work / name}.json"]
             runs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, env=env))
         for proc in runs:
             proc.communicate(timeout=60)
@@ -213,13 +215,18 @@ class MergeEndToEndTests(TestCase):
                 sum(s["requests"] for s in data["timeline"]), data["summary"]["requests"]
             )
 
+        # 200/s for 2 s: requests 0..399 of each run are due within the 2 s.
+        self.assertEqual([d["summary"]["verified"] for d in saved], [400, 400])
+
         result = run_client(
             "merge", f"{work}/a.json", f"{work}/b.json", "--out", f"{work}/all.json"
         )
         self.assertEqual((result.returncode, result.stderr), (0, b""))
-        self.assertIn(b"requests    500", result.stdout)
+        self.assertIn(b"requests    800", result.stdout)
         merged = load(work / "all.json")
-        self.assertEqual((merged.tally.requests, merged.tally.verified), (500, 500))
-        self.assertEqual(merged.tally.histogram.count, 500)
-        self.assertEqual(sum(s.requests for s in merged.tally.timeline), 500)
+        self.assertEqual((merged.tally.requests, merged.tally.verified), (800, 800))
+        self.assertEqual(merged.tally.histogram.count, 800)
+        self.assertEqual(sum(s.requests for s in merged.tally.timeline), 800)
         self.assertEqual(len(merged.sources), 2)
+        # Both asked 200/s: the merged run was asked about 400/s, and kept it.
+        self.assertIs(merged.summary().kept_up, True)
