@@ -34,7 +34,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from echotwist import certs, tls, tokens
-from echotwist.client import cli
+from echotwist.client import cli, record
 from echotwist.client.connection import Response, ResponseReader
 from tests.support import CLIENT, dev_certs, make_site, pid_alive, run_client, start_twistd
 
@@ -334,6 +334,32 @@ class LoadTests(TestCase):
         self.assertEqual((summary["requests"], summary["verified"]), (60, 60))
         self.assertEqual(counter.total, 6)  # 3 connections per process
         self.assertIsNotNone(summary["latency_ms"]["p99"])
+
+    async def test_processes_share_the_rate_and_merge_their_histograms_exactly(self) -> None:
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        out = Path(tempfile.mkdtemp(prefix="echotwist-processes-")) / "run.json"
+        self.addCleanup(shutil.rmtree, out.parent, True)
+        code, summary, stderr = await load(
+            port,
+            token,
+            "--processes=2",
+            "--clients=4",
+            "--rate=400",
+            "--duration=1",
+            "--json",
+            f"--out={out}",
+        )
+        self.assertEqual((code, stderr), (0, ""))
+        # Each child sends 200/s for 1 s: requests 0..199 of each are due.
+        self.assertEqual((summary["requests"], summary["verified"]), (400, 400))
+        # Asked of the merged span (the children start a little apart): about 400/s, kept.
+        self.assertTrue(380 < summary["rate_asked"] <= 400.0, summary)
+        self.assertIs(summary["kept_up"], True)
+        saved = record.load(out)
+        self.assertEqual(saved.tally.histogram.count, 400)  # every latency of both children
+        self.assertEqual(len(saved.sources), 2)
+        self.assertEqual(sum(s.requests for s in saved.tally.timeline), 400)
 
     async def test_processes_merge_failures_and_the_exit_code(self) -> None:
         port, _ = await listen(self, make_site(tokens.generate_token()))
