@@ -105,3 +105,24 @@ def structured_requests(draw: st.DrawFn) -> bytes:
 def hostile_requests() -> st.SearchStrategy[bytes]:
     """Requests that a strict server must refuse, mostly, and a few it may accept."""
     return st.one_of(structured_requests(), st.binary(min_size=1, max_size=2048))
+
+
+# -- load runs: what requests a saved run records -----------------------------------
+
+#: One request's outcome: (the second it finished in, 0-9; its latency in
+#: seconds, 1 us to an hour and beyond, or None: no answer; verified or not).
+outcomes = st.tuples(
+    st.integers(min_value=0, max_value=9),
+    st.one_of(st.none(), st.floats(min_value=0.0, max_value=4000.0, allow_nan=False)),
+    st.booleans(),
+)
+
+
+def runs_of_outcomes() -> st.SearchStrategy[list[tuple[int, float | None, bool]]]:
+    """The outcomes of one load run (latencies weighted toward the realistic ms range)."""
+    realistic = st.tuples(
+        st.integers(min_value=0, max_value=9),
+        st.floats(min_value=0.0001, max_value=2.0, allow_nan=False),
+        st.booleans(),
+    )
+    return st.lists(st.one_of(realistic, outcomes), max_size=300)

@@ -34,7 +34,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from echotwist import certs, tls, tokens
-from echotwist.client import cli
+from echotwist.client import cli, record
 from echotwist.client.connection import Response, ResponseReader
 from tests.support import CLIENT, dev_certs, make_site, pid_alive, run_client, start_twistd
 
@@ -262,7 +262,10 @@ class LoadTests(TestCase):
             (summary["requests"], summary["verified"], summary["mismatched"]), (500, 500, 0)
         )
         self.assertEqual((summary["failed"], summary["retries"]), ({}, 0))
-        self.assertEqual(set(summary["latency_ms"]), {"p50", "p90", "p99", "max"})
+        self.assertEqual(
+            set(summary["latency_ms"]),
+            {"p50", "p75", "p90", "p99", "p99.9", "p99.99", "max", "mean", "stdev"},
+        )
         # Each client its own connection, all of them open at once.
         self.assertEqual((counter.total, counter.peak), (500, 500))
 
@@ -332,6 +335,32 @@ class LoadTests(TestCase):
         self.assertEqual(counter.total, 6)  # 3 connections per process
         self.assertIsNotNone(summary["latency_ms"]["p99"])
 
+    async def test_processes_share_the_rate_and_merge_their_histograms_exactly(self) -> None:
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        out = Path(tempfile.mkdtemp(prefix="echotwist-processes-")) / "run.json"
+        self.addCleanup(shutil.rmtree, out.parent, True)
+        code, summary, stderr = await load(
+            port,
+            token,
+            "--processes=2",
+            "--clients=4",
+            "--rate=400",
+            "--duration=1",
+            "--json",
+            f"--out={out}",
+        )
+        self.assertEqual((code, stderr), (0, ""))
+        # Each child sends 200/s for 1 s: requests 0..199 of each are due.
+        self.assertEqual((summary["requests"], summary["verified"]), (400, 400))
+        # Asked of the merged span (the children start a little apart): about 400/s, kept.
+        self.assertTrue(380 < summary["rate_asked"] <= 400.0, summary)
+        self.assertIs(summary["kept_up"], True)
+        saved = record.load(out)
+        self.assertEqual(saved.tally.histogram.count, 400)  # every latency of both children
+        self.assertEqual(len(saved.sources), 2)
+        self.assertEqual(sum(s.requests for s in saved.tally.timeline), 400)
+
     async def test_processes_merge_failures_and_the_exit_code(self) -> None:
         port, _ = await listen(self, make_site(tokens.generate_token()))
         code, summary, stderr = await load(
@@ -388,7 +417,46 @@ class LoadTests(TestCase):
         text = stdout.getvalue().decode()
         for label in ("requests", "verified", "mismatched", "failed", "elapsed", "latency"):
             self.assertIn(label, text)
-        self.assertIn("req", stderr.getvalue())  # tqdm's line, e.g. "123req [00:00, 205req/s]"
+        line = stderr.getvalue()
+        self.assertIn("req", line)  # tqdm's line, e.g. "123req [00:00, 205req/s, ...]"
+        # elapsed/total, the last second's rate, verified, errors and p99 so far
+        self.assertRegex(line, r"\d+/0\.6s now \d+/s verified \d+ errors 0 p99 ")
+        self.assertNotIn("verified", text.split("\n")[0])  # stdout has only the summary
+
+    async def test_no_live_line_with_json_even_on_a_terminal(self) -> None:
+        class Terminal(io.BytesIO):
+            def isatty(self) -> bool:
+                return True
+
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        code, _, stderr = await load(
+            port, token, "--clients=5", "--duration=0.6", "--json", stdout=Terminal()
+        )
+        self.assertEqual((code, stderr), (0, ""))
+
+    async def test_latency_prints_the_percentile_spectrum(self) -> None:
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        code, summary, _ = await load(port, token, "--clients=5", "--requests=200", "--latency")
+        self.assertEqual(code, 0)
+        text = summary["text"]
+        self.assertIn("Latency Distribution (HdrHistogram - Recorded Latency)", text)
+        self.assertIn("Detailed Percentile spectrum:", text)
+        self.assertRegex(text, r"#\[Max     = +\d+\.\d{3}, Total count    = +200\]")
+
+    async def test_latency_with_json_adds_the_spectrum(self) -> None:
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        code, summary, _ = await load(
+            port, token, "--clients=5", "--requests=200", "--latency", "--json"
+        )
+        self.assertEqual(code, 0)
+        points = summary["spectrum"]
+        self.assertEqual(points[-1][1:], [100.0, 200])  # the last point: 100%, every request
+        values = [value for value, _, _ in points]
+        self.assertEqual(values, sorted(values))
+        self.assertAlmostEqual(points[-1][0], summary["latency_ms"]["max"], places=3)
 
     async def test_size_must_leave_room_for_the_sequence_number(self) -> None:
         stderr = io.StringIO()
@@ -535,6 +603,14 @@ class InterruptTests(TestCase):
         self.assertGreater(summary["verified"], 0)
         self.assertEqual(summary["requests"], summary["verified"])
         self.assertLess(took, 3.0)  # "within a second", with room for a noisy machine
+
+    def test_sigint_during_a_paced_run_exits_130_at_once(self) -> None:
+        # Between requests a paced client sleeps: the signal must cut that short too.
+        summary, code, took, _ = self._interrupted_run(signal.SIGINT, "--rate=300")
+        self.assertEqual(code, 130)
+        self.assertIs(summary["interrupted"], True)
+        self.assertEqual(summary["rate_asked"], 300.0)
+        self.assertLess(took, 3.0)
 
     def test_sigterm_with_two_processes_exits_143_and_leaves_no_process(self) -> None:
         summary, code, took, children = self._interrupted_run(signal.SIGTERM, "--processes=2")

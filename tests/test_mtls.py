@@ -181,6 +181,22 @@ class MutualTLSOnlyTests(_SharedServer):
         summary = json.loads(result.stdout)
         self.assertEqual((summary["verified"], summary["failed"]), (200, {}))
 
+    def test_load_over_http2_with_the_certificate_verifies_every_request(self) -> None:
+        result = run_client(
+            "load",
+            f"--host={self.server.url}",
+            f"--cacert={self.server.cafile}",
+            *dev_client(),
+            "--http2",
+            "--clients=2",
+            "--streams=10",
+            "--requests=200",
+            "--json",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        summary = json.loads(result.stdout)
+        self.assertEqual((summary["verified"], summary["failed"]), (200, {}))
+
     def test_load_without_a_certificate_counts_tls_failures(self) -> None:
         result = run_client(
             "load",

@@ -189,6 +189,18 @@ def _load_options() -> usage.Options:
     return LoadOptions()
 
 
+def _merge_options() -> usage.Options:
+    from echotwist.client.saved import MergeOptions
+
+    return MergeOptions()
+
+
+def _report_options() -> usage.Options:
+    from echotwist.client.saved import ReportOptions
+
+    return ReportOptions()
+
+
 class ClientOptions(usage.Options):
     """Top level: C{echotwist-client COMMAND [options]}."""
 
@@ -200,6 +212,8 @@ class ClientOptions(usage.Options):
     subCommands: list[list[Any]] = [
         ["send", None, SendOptions, "Send one message, print the echo, verify it."],
         ["load", None, _load_options, "Many clients at once, every echo verified; a summary."],
+        ["merge", None, _merge_options, "Merge runs saved with load --out into one, exactly."],
+        ["report", None, _report_options, "One offline HTML page of plots of saved runs."],
     ]
 
     def opt_version(self) -> None:
@@ -265,8 +279,22 @@ async def _load(
     return await load.run(reactor, options, stdout, stderr)
 
 
+async def _saved(
+    reactor: Any, options: usage.Options, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO
+) -> int:
+    from echotwist.client import saved
+
+    assert isinstance(options, (saved.MergeOptions, saved.ReportOptions))
+    return await options.main(stdout, stderr)
+
+
 #: Each subcommand's coroutine: (reactor, its options, stdin, stdout, stderr) -> exit code.
-_COMMANDS: dict[str, Callable[..., Awaitable[int]]] = {"send": _send, "load": _load}
+_COMMANDS: dict[str, Callable[..., Awaitable[int]]] = {
+    "send": _send,
+    "load": _load,
+    "merge": _saved,
+    "report": _saved,
+}
 
 
 async def main(

@@ -25,24 +25,45 @@ the clients over N processes (L{echotwist.client.processes}).
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import resource
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from echotwist.client.cli import ConnectionOptions, _warn
-from echotwist.client.connection import ClosedBeforeAnswer, EchoConnection, request_head
+from echotwist.client.connection import (
+    ClosedBeforeAnswer,
+    EchoConnection,
+    Response,
+    request_head,
+)
+from echotwist.client.h2connection import ALPNCreator, H2EchoConnection
 from echotwist.client.interrupt import Interruption
-from echotwist.client.outcome import Cause, Problem, StatusError, classify
-from echotwist.client.processes import Children, write_latencies
+from echotwist.client.live import LiveLine, SecondTicker
+from echotwist.client.outcome import (
+    Cause,
+    ExitCode,
+    GoAwayError,
+    Problem,
+    StatusError,
+    classify,
+)
+from echotwist.client.processes import Children, write_record
+from echotwist.client.record import RunRecord, save
 from echotwist.client.send import compare, request_headers
-from echotwist.client.stats import Summary, Tally, summarize
+from echotwist.client.stats import Tally
 from echotwist.options import seconds, whole_number
 from echotwist.transport import TLSClientEndpoint
 
@@ -52,10 +73,25 @@ DEFAULT_SIZE = 64
 TAG_BYTES = 8
 #: Open files kept free beyond one per client (the reactor, logs, the CA file...).
 SPARE_FILES = 64
-#: Seconds between refreshes of the progress line.
-PROGRESS_INTERVAL = 0.2
 #: Longest interval between two timeout sweeps (see L{LoadRun.expire}).
 MAX_SWEEP_INTERVAL = 0.5
+
+
+#: The most --streams per HTTP/2 connection accepted (servers allow ~100-250 at once).
+MAX_STREAMS = 1000
+#: The highest --rate accepted: far beyond what any number of processes here could send.
+MAX_RATE = 10_000_000.0
+
+
+def positive_rate(value: str) -> float:
+    """C{--rate}: requests per second, more than 0 (and not absurd)."""
+    try:
+        rate = float(value)
+    except ValueError:
+        raise usage.UsageError(f"--rate must be requests per second, not {value!r}") from None
+    if not 0 < rate <= MAX_RATE:  # also refuses nan
+        raise usage.UsageError(f"--rate must be more than 0 and at most {MAX_RATE:g} requests/s")
+    return rate
 
 
 class LoadOptions(ConnectionOptions):
@@ -63,7 +99,7 @@ class LoadOptions(ConnectionOptions):
 
     synopsis = (
         "[--host URL] [--clients N] [--requests M | --duration SECONDS] [--size BYTES] "
-        "[--json] [--token T]"
+        "[--rate R] [--http2 [--streams N]] [--latency] [--json] [--out FILE] [--token T]"
     )
     longdesc = (
         "Open N TLS connections to HOST/echo at once; on each, send requests one after "
@@ -77,6 +113,18 @@ class LoadOptions(ConnectionOptions):
 
     optFlags: list[list[Any]] = [
         ["json", None, "Print the summary as one JSON object (and no progress line)."],
+        [
+            "http2",
+            None,
+            "HTTP/2: each client is one connection carrying --streams requests at once "
+            "(the server must agree to h2 in ALPN).",
+        ],
+        [
+            "latency",
+            None,
+            "Also print the latency percentile spectrum, as wrk2 does (with --json: "
+            "a 'spectrum' key).",
+        ],
     ]
     optParameters: list[list[Any]] = [
         [
@@ -121,17 +169,44 @@ class LoadOptions(ConnectionOptions):
             whole_number("--processes", minimum=1),
         ],
         [
-            "latencies-fd",
+            "rate",
+            "R",
+            None,
+            "Open model: send this many requests a second over all clients, at fixed "
+            "intervals, and measure each latency from when its request was due "
+            "(corrected for coordinated omission, as wrk2).  Default: a closed loop, "
+            "each client as fast as its answers come.",
+            positive_rate,
+        ],
+        [
+            "streams",
+            "m",
+            None,
+            f"With --http2: concurrent streams per connection (default 1, at most {MAX_STREAMS}).",
+            whole_number("--streams", minimum=1),
+        ],
+        ["out", "o", None, "Save the whole run as JSON in this file (for merge and report)."],
+        [
+            "record-fd",
             None,
             None,
-            "(internal, for --processes) write every latency to this fd.",
-            whole_number("--latencies-fd", minimum=3),
+            "(internal, for --processes) write the run record to this fd.",
+            whole_number("--record-fd", minimum=3),
         ],
     ]
 
     def postOptions(self) -> None:
         if self["requests"] is None and self["duration"] is None:
             self["requests"] = self["clients"]
+        if self["streams"] is not None and not self["http2"]:
+            raise usage.UsageError("--streams needs --http2 (HTTP/1.1 sends one request at a time)")
+        if self["streams"] is not None and self["streams"] > MAX_STREAMS:
+            raise usage.UsageError(f"--streams must be at most {MAX_STREAMS}")
+        self["streams"] = self["streams"] or 1
+        if self["out"] is not None:
+            folder = os.path.dirname(os.path.abspath(self["out"]))
+            if not os.access(folder, os.W_OK):
+                raise usage.UsageError(f"--out {self['out']}: cannot write in {folder}")
         super().postOptions()
 
 
@@ -142,13 +217,21 @@ class LoadRun:
     @ivar tally: the outcomes so far (read by the progress line).
     """
 
-    def __init__(self, reactor: Any, options: LoadOptions) -> None:
+    def __init__(self, reactor: Any, options: LoadOptions, clients: int) -> None:
         self._reactor = reactor
         self._timeout: float = options["timeout"]
         self._size: int = options["size"]
         self._limit: int | None = options["requests"]
-        duration: float | None = options["duration"]
-        self._deadline = None if duration is None else time.monotonic() + duration
+        self._duration: float | None = options["duration"]
+        self._rate: float | None = options["rate"]
+        self._http2: bool = bool(options["http2"])
+        self._streams: int = options["streams"] if self._http2 else 1
+        #: Each client's requests go one at a time (HTTP/1.1) or --streams at once
+        #: (HTTP/2): this many loops send, each its own series of requests.
+        self.senders = clients * self._streams
+        self._clients = clients
+        self._start = time.perf_counter()
+        self._deadline: float | None = None
         url = urlsplit(options["host"])
         self._hostname: str = url.hostname or ""
         self._port: int = url.port or 443
@@ -160,13 +243,30 @@ class LoadRun:
         self._creator = options["policy"].creatorForNetloc(
             self._hostname.encode("ascii"), self._port
         )
-        self._factory = Factory.forProtocol(EchoConnection)
+        self._factory: Factory = Factory.forProtocol(EchoConnection)
+        self._send: Any = self._request
+        if self._http2:
+            self._h2_head = h2_request_headers(path, headers)
+            self._creator = ALPNCreator(self._creator)
+            self._factory = Factory.forProtocol(H2EchoConnection)
+            self._send = self._h2_request
         self._random = random.Random()  # payloads need to be unique, not secret
         self._issued = 0
-        self._open: set[EchoConnection] = set()
-        self._connecting: set[Deferred[EchoConnection]] = set()
+        self._open: set[Any] = set()  # EchoConnection or H2EchoConnection
+        self._connecting: set[Deferred[Any]] = set()
+        #: Why the run stopped early: the server refused HTTP/2 (it would refuse every request).
+        self._refused: Problem | None = None
+        self._sleeping: set[Deferred[None]] = set()
         self.interrupted = False
         self.tally = Tally()
+        #: The C{Server} header of the first verified answer (for the run record).
+        self.server: str | None = None
+
+    def begin(self) -> None:
+        """The measured run starts now: C{--duration} and the C{--rate} schedule count from here."""
+        self._start = time.perf_counter()
+        if self._duration is not None:
+            self._deadline = self._start + self._duration
 
     @property
     def total(self) -> int | None:
@@ -176,11 +276,11 @@ class LoadRun:
     def _next(self) -> int | None:
         """The next request's sequence number, or L{None} when the run is over."""
         seq = self._issued
-        if self.interrupted:
+        if self.interrupted or self._refused is not None:
             return None
         if self._limit is not None and seq >= self._limit:
             return None
-        if self._deadline is not None and seq and time.monotonic() >= self._deadline:
+        if self._deadline is not None and seq and time.perf_counter() >= self._deadline:
             return None
         self._issued = seq + 1
         return seq
@@ -189,67 +289,184 @@ class LoadRun:
         """A payload no other request of this run carries: the number, then random bytes."""
         return seq.to_bytes(TAG_BYTES, "big") + self._random.randbytes(self._size - TAG_BYTES)
 
-    async def client(self) -> None:
-        """One client: requests one after another on its own connection."""
-        connection: EchoConnection | None = None
-        while (seq := self._next()) is not None:
-            connection = await self._request(connection, seq)
+    def lanes(self) -> list[Any]:
+        """
+        What each sender sends on: its own connection (HTTP/1.1, made when
+        first needed: L{None}), or its client's HTTP/2 connection, shared by
+        --streams senders (an L{_H2Lane}).
+        """
+        if not self._http2:
+            return [None] * self.senders
+        shared = [_H2Lane(self._connect_within_timeout) for _ in range(self._clients)]
+        return [shared[i // self._streams] for i in range(self.senders)]
 
-    async def _connect(self) -> EchoConnection:
+    async def client(self, lane: Any = None) -> None:
+        """One sender of the closed loop: requests one after another, each when the last is done."""
+        while (seq := self._next()) is not None:
+            lane = await self._send(lane, seq)
+
+    async def paced_client(self, index: int, lane: Any) -> None:
+        """
+        One client of the open model (C{--rate R}): request M{n} of the run is
+        due M{n/R} seconds after L{begin}, and sender C{index} of S senders
+        sends requests C{index}, C{index + S}, ...  A request whose sender is
+        still waiting for its previous answer goes out late, and its latency
+        still counts from when it was due: a stall shows as latency (wrk2's
+        correction for coordinated omission), not as a lower rate.
+        """
+        assert self._rate is not None
+        interval = 1.0 / self._rate
+        seq = index
+        while not self.interrupted and self._refused is None:
+            due = self._start + seq * interval
+            if self._limit is not None and seq >= self._limit:
+                return
+            if self._deadline is not None and due >= self._deadline:
+                return
+            wait = due - time.perf_counter()
+            if wait > 0:
+                sleeping: Deferred[None] = deferLater(self._reactor, wait)
+                self._sleeping.add(sleeping)
+                try:
+                    await sleeping
+                except CancelledError:
+                    return  # interrupted
+                finally:
+                    self._sleeping.discard(sleeping)
+            self._issued += 1
+            lane = await self._send(lane, seq, due)
+            seq += self.senders
+
+    async def connect_quietly(self, lane: Any) -> Any:
+        """
+        The lane of a sender, connected before an open-model run starts (so
+        that the TLS handshakes are not in its latencies).  If that fails, the
+        first request connects again, and that failure is counted.
+        """
+        try:
+            if isinstance(lane, _H2Lane):
+                await lane.connection()
+                return lane
+            return await self._connect_within_timeout()
+        except Exception:
+            return lane
+
+    async def _connect(self) -> Any:
         endpoint = TLSClientEndpoint(
             self._creator,
             HostnameEndpoint(self._reactor, self._hostname, self._port, timeout=self._timeout),
             self._reactor,
         )
         connection = await endpoint.connect(self._factory)
-        assert isinstance(connection, EchoConnection)
         self._open.add(connection)
         connection.closed.addBoth(lambda _: self._open.discard(connection))
+        if isinstance(connection, H2EchoConnection):
+            await connection.ready  # TLS done and h2 agreed (else HTTP2RefusedError)
         return connection
 
-    async def _request(self, connection: EchoConnection | None, seq: int) -> EchoConnection | None:
-        """Send request C{seq} and record its outcome; return the connection to go on with."""
+    async def _request(
+        self, connection: EchoConnection | None, seq: int, due: float | None = None
+    ) -> EchoConnection | None:
+        """
+        Send request C{seq} over HTTP/1.1 and record its outcome; return the
+        connection to go on with.  A request on a kept-alive connection that
+        the server closed before any of the answer came was never seen: it is
+        sent again, once, on a new connection.
+        """
+        reused = False
+
+        async def send(body: bytes, sent: float) -> Response:
+            nonlocal connection, reused
+            if connection is None or not connection.usable:
+                connection = await self._connect_within_timeout()
+                if self.interrupted:
+                    raise CancelledError()
+            reused = connection.answered > 0
+            # No timer here: expire() sweeps every connection periodically.
+            return await connection.request(self._head + b"%d\r\n\r\n" % len(body) + body, sent)
+
+        def unseen(e: Exception) -> bool:
+            nonlocal connection
+            if isinstance(e, ClosedBeforeAnswer) and reused and not e.answer_started:
+                connection = None
+                return True
+            return False
+
+        await self._exchange(seq, due, send, unseen)
+        return connection
+
+    async def _h2_request(self, lane: _H2Lane, seq: int, due: float | None = None) -> _H2Lane:
+        """
+        L{_request} over HTTP/2: request C{seq} on a new stream of the lane's
+        connection.  A stream the server refused with GOAWAY was never
+        processed: it is sent again, once, on a new connection.
+        """
+
+        async def send(body: bytes, sent: float) -> Response:
+            connection = await lane.connection()
+            if self.interrupted:
+                raise CancelledError()
+            headers = [*self._h2_head, (b"content-length", b"%d" % len(body))]
+            return await connection.request(headers, body, sent)
+
+        await self._exchange(seq, due, send, lambda e: isinstance(e, GoAwayError))
+        return lane
+
+    async def _exchange(
+        self,
+        seq: int,
+        due: float | None,
+        send: Callable[[bytes, float], Awaitable[Response]],
+        unseen: Callable[[Exception], bool],
+    ) -> None:
+        """
+        Request C{seq}: C{send} it, judge the answer, record the outcome; send
+        it a second time if the first failure says the server never saw it
+        (C{unseen}).  Its latency counts from C{due} when given (the open
+        model), else from now; its C{--timeout} counts from now.
+        """
         body = self.payload(seq)
-        data = self._head + b"%d\r\n\r\n" % len(body) + body
-        tally = self.tally
-        started = time.perf_counter()
+        sent = time.perf_counter()
+        started = sent if due is None else due
         latency: float | None = None
         for attempt in (1, 2):
-            reused = False
             try:
-                if connection is None or not connection.usable:
-                    connection = await self._connect_within_timeout()
-                    if self.interrupted:
-                        raise CancelledError()
-                reused = connection.answered > 0
-                # No timer here: expire() sweeps every connection periodically.
-                response = await connection.request(data, started)
-            except ClosedBeforeAnswer as e:
-                if attempt == 1 and reused and not e.answer_started and not self.interrupted:
-                    # The server closed the kept-alive connection as the request
-                    # went out: it never saw it, so send it again, once.
-                    tally.retries += 1
-                    connection = None
-                    continue
-                problem = classify(e, timeout=self._timeout)
+                response = await send(body, sent)
             except Exception as e:
+                if attempt == 1 and not self.interrupted and unseen(e):
+                    self.tally.retries += 1
+                    continue
                 problem = classify(e, timeout=self._timeout)
             else:
                 latency = time.perf_counter() - started
-                if response.status != 200:
-                    problem = classify(StatusError(response.status, response.reason, response.body))
-                elif response.body == body:
-                    tally.record_verified(latency)
-                    return connection
-                else:
-                    problem = Problem(Cause.MISMATCH, str(compare(body, response.body)))
+                found = self._judge(body, response, latency)
+                if found is None:
+                    return
+                problem = found
             break
+        if problem.cause is Cause.NO_HTTP2 and self._refused is None:
+            self._refused = problem  # every request would be refused alike: stop
+        self._failed(seq, problem, latency)
+
+    def _judge(self, body: bytes, response: Response, latency: float) -> Problem | None:
+        """Check an answer: record it if verified (L{None}), else say what is wrong."""
+        if response.status != 200:
+            return classify(StatusError(response.status, response.reason, response.body))
+        if response.body != body:
+            return Problem(Cause.MISMATCH, str(compare(body, response.body)))
+        self.tally.record_verified(latency)
+        if self.server is None:
+            self.server = _server_header(response.headers)
+        return None
+
+    def _failed(self, seq: int, problem: Problem, latency: float | None) -> None:
+        """Count request C{seq} as failed, unless a signal cut it short (abandoned)."""
         if self.interrupted and latency is None:
             # Cut short by Ctrl-C or SIGTERM: not the server's failure.
-            tally.abandoned += 1
-            return connection
-        tally.record_problem(Problem(problem.cause, f"request {seq}: {problem.message}"), latency)
-        return connection
+            self.tally.abandoned += 1
+            return
+        problem = Problem(problem.cause, f"request {seq}: {problem.message}")
+        self.tally.record_problem(problem, latency)
 
     def expire(self) -> None:
         """
@@ -265,7 +482,7 @@ class LoadRun:
     def sweep_interval(self) -> float:
         return min(self._timeout / 4, MAX_SWEEP_INTERVAL)
 
-    async def _connect_within_timeout(self) -> EchoConnection:
+    async def _connect_within_timeout(self) -> Any:
         connecting = Deferred.fromCoroutine(self._connect())
         connecting.addTimeout(self._timeout, self._reactor)
         self._connecting.add(connecting)
@@ -282,12 +499,66 @@ class LoadRun:
         self.interrupted = True
         for connecting in list(self._connecting):
             connecting.cancel()
+        for sleeping in list(self._sleeping):
+            sleeping.cancel()
         for connection in list(self._open):
             connection.abandon()
 
     async def close(self) -> None:
         """Close every connection still open, and wait until they are."""
         await gatherResults([c.close(self._reactor) for c in list(self._open)])
+
+
+class _H2Lane:
+    """
+    One client's HTTP/2 connection, shared by its --streams senders: made
+    when first needed and again once it is no longer usable, once for all.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[H2EchoConnection]]) -> None:
+        self._connect = connect
+        self._connection: H2EchoConnection | None = None
+        self._waiting: list[Deferred[H2EchoConnection]] | None = None
+
+    async def connection(self) -> H2EchoConnection:
+        current = self._connection
+        if current is not None and current.usable:
+            return current
+        waiting: Deferred[H2EchoConnection] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiting)  # another sender is connecting: wait for it
+            return await waiting
+        self._waiting = [waiting]
+        outcome: H2EchoConnection | Failure
+        try:
+            outcome = self._connection = await self._connect()
+        except BaseException:
+            outcome = Failure()
+        waiters, self._waiting = self._waiting, None
+        for each in waiters:
+            if isinstance(outcome, Failure):
+                each.errback(outcome)
+            else:
+                each.callback(outcome)
+        return await waiting
+
+
+def h2_request_headers(path: bytes, headers: Headers) -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 header block of a C{POST}, but for its C{content-length}."""
+    block = [(b":method", b"POST"), (b":scheme", b"https")]
+    rest: list[tuple[bytes, bytes]] = []
+    for name, values in headers.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered == b"host":
+            block.append((b":authority", values[0]))
+        elif lowered not in (b"connection", b"keep-alive", b"transfer-encoding"):
+            rest += [(lowered, value) for value in values]
+    return [*block, (b":path", path), *rest]
+
+
+def _server_header(headers: dict[bytes, list[bytes]]) -> str:
+    """What the server calls itself (C{Server}), or C{""} when it does not say."""
+    return b", ".join(headers.get(b"server", [])).decode("latin-1")
 
 
 def ensure_open_files(clients: int) -> str | None:
@@ -310,35 +581,6 @@ def ensure_open_files(clients: int) -> str | None:
     return None
 
 
-class _Progress:
-    """The live progress line: tqdm on stderr, refreshed on a timer."""
-
-    def __init__(self, reactor: Any, run: LoadRun, stderr: TextIO) -> None:
-        from tqdm import tqdm  # only a terminal run pays for the import
-
-        self._run = run
-        self._bar = tqdm(
-            total=run.total,
-            unit="req",
-            file=stderr,
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=0,
-        )
-        self._loop = LoopingCall(self._refresh)
-        self._loop.clock = reactor
-        self._loop.start(PROGRESS_INTERVAL, now=False)
-
-    def _refresh(self) -> None:
-        tally = self._run.tally
-        self._bar.set_postfix(errors=tally.errors, refresh=False)
-        self._bar.update(tally.requests - self._bar.n)
-
-    def close(self) -> None:
-        self._loop.stop()
-        self._bar.close()
-
-
 async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: TextIO) -> int:
     """Run the load described by C{options}; print the summary; return the exit code."""
     if options["insecure"]:
@@ -353,31 +595,92 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
     if problem is not None:
         _warn(stderr, f"error: {problem}")
         return 2
-    load = LoadRun(reactor, options)
+    load = LoadRun(reactor, options, clients)
     interruption = Interruption(reactor, lambda _: load.interrupt())
     interruption.install()
-    progress = _Progress(reactor, load, stderr) if stdout.isatty() and not options["json"] else None
     sweep = LoopingCall(load.expire)
     sweep.clock = reactor
     sweep.start(load.sweep_interval, now=False)
-    started = time.perf_counter()
+    ticker = SecondTicker(reactor, load.tally)
+    live: LiveLine | None = None
     try:
-        await gatherResults(
-            [Deferred.fromCoroutine(load.client()) for _ in range(clients)], consumeErrors=True
-        )
+        lanes = load.lanes()
+        if options["rate"] is not None:
+            # Connected before the clock starts: the handshakes are not latency.
+            ready = [Deferred.fromCoroutine(load.connect_quietly(lane)) for lane in lanes]
+            lanes = await gatherResults(ready)
+            coroutines = [load.paced_client(i, lane) for i, lane in enumerate(lanes)]
+        else:
+            coroutines = [load.client(lane) for lane in lanes]
+        ticker.start()
+        if stdout.isatty() and not options["json"]:
+            live = LiveLine(reactor, load.tally, ticker, load.total, options["duration"], stderr)
+        started_at = time.time()
+        load.begin()
+        started = time.perf_counter()
+        await gatherResults([Deferred.fromCoroutine(c) for c in coroutines], consumeErrors=True)
         elapsed = time.perf_counter() - started
     finally:
         sweep.stop()
-        if progress is not None:
-            progress.close()
+        ticker.stop()
+        if live is not None:
+            live.close()
         # Held to the end, so that all the clients' connections were open at once.
         await load.close()
         interruption.uninstall()
-    if options["latencies-fd"] is not None:
-        write_latencies(options["latencies-fd"], load.tally.latencies)
-    summary = summarize(load.tally, elapsed, interrupted=load.interrupted)
-    _report(summary, load.tally, options["json"], stdout, stderr)
-    return _exit_code(load.tally, interruption, stderr)
+    record = RunRecord.of_run(
+        load.tally, dict(options), started_at, elapsed, load.server, load.interrupted
+    )
+    return _finish(record, options, interruption, stdout, stderr)
+
+
+def _finish(
+    record: RunRecord,
+    options: LoadOptions,
+    interruption: Interruption,
+    stdout: BinaryIO,
+    stderr: TextIO,
+) -> int:
+    """Hand the record on (C{--record-fd}, C{--out}), report it, and say the exit code."""
+    if options["record-fd"] is not None:
+        write_record(options["record-fd"], record)
+    if options["out"] is not None:
+        try:
+            save(record, options["out"])
+        except OSError as e:
+            _warn(stderr, f"error: cannot save --out {options['out']}: {e.strerror or e}")
+    summary = record.summary()
+    if options["json"]:
+        data = summary.to_dict()
+        if options["latency"]:
+            data["spectrum"] = record.tally.histogram.spectrum_points()
+        text = json.dumps(data) + "\n"
+    else:
+        text = summary.to_text()
+        if options["latency"]:
+            text += "\n" + record.tally.histogram.spectrum()
+    stdout.write(text.encode("utf-8"))
+    stdout.flush()
+    tally = record.tally
+    if summary.kept_up is False and not summary.interrupted:
+        _warn(
+            stderr,
+            f"warning: asked for {summary.rate_asked:g} requests/s, achieved {summary.rps:.1f}: "
+            "the server or this client could not keep up (see the latencies; more --clients "
+            "or --processes if this client is the limit)",
+        )
+    if tally.errors:
+        shown = len(tally.first_failures)
+        # (--processes: each child has described its own first failures.)
+        _warn(
+            stderr,
+            f"error: {tally.errors} of {tally.requests} requests did not verify"
+            + (f"; the first {shown}:" if shown else ""),
+        )
+        for problem in tally.first_failures:
+            stderr.write(f"  {problem.cause.value}: {problem.message}\n")
+        stderr.flush()
+    return _exit_code(tally, interruption, stderr)
 
 
 def _exit_code(tally: Tally, interruption: Interruption, stderr: TextIO) -> int:
@@ -410,31 +713,11 @@ async def _run_processes(
     interruption = Interruption(reactor, children.signal)
     interruption.install()
     try:
-        tally, elapsed, failed_code = await children.run(options, processes, clients)
+        record, failed_code = await children.run(options, processes, clients)
     finally:
         interruption.uninstall()
-    if failed_code is not None:
+    if failed_code is not None or record is None:
         _warn(stderr, "error: a load process ended without a summary")
-        return failed_code
-    summary = summarize(tally, elapsed, interrupted=interruption.signum is not None)
-    _report(summary, tally, options["json"], stdout, stderr)
-    return _exit_code(tally, interruption, stderr)
-
-
-def _report(
-    summary: Summary, tally: Tally, as_json: bool, stdout: BinaryIO, stderr: TextIO
-) -> None:
-    text = summary.to_json() + "\n" if as_json else summary.to_text()
-    stdout.write(text.encode("utf-8"))
-    stdout.flush()
-    if tally.errors:
-        shown = len(tally.first_failures)
-        # (--processes: each child has described its own first failures.)
-        _warn(
-            stderr,
-            f"error: {tally.errors} of {tally.requests} requests did not verify"
-            + (f"; the first {shown}:" if shown else ""),
-        )
-        for problem in tally.first_failures:
-            stderr.write(f"  {problem.cause.value}: {problem.message}\n")
-        stderr.flush()
+        return failed_code or ExitCode.TRANSPORT
+    record.interrupted = record.interrupted or interruption.signum is not None
+    return _finish(record, options, interruption, stdout, stderr)

@@ -46,6 +46,11 @@ class Cause(str, enum.Enum):
     CONNECTION_LOST = "connection_lost"
     MISMATCH = "mismatch"
     BAD_RESPONSE = "bad_response"
+    #: HTTP/2 (load --http2): the server reset the stream, went away before
+    #: it, or does not speak HTTP/2 at all.
+    STREAM_RESET = "stream_reset"
+    GOAWAY = "goaway"
+    NO_HTTP2 = "no_http2"
     OTHER = "other"
 
 
@@ -105,6 +110,45 @@ _WRAPPERS = (
     ResponseFailed,
     ResponseNeverReceived,
 )
+
+
+class HTTP2RefusedError(Exception):
+    """The server did not agree to HTTP/2 in ALPN."""
+
+    def __init__(self, negotiated: bytes | None) -> None:
+        chosen = "none" if negotiated is None else negotiated.decode("ascii", "replace")
+        super().__init__(f"the server does not speak HTTP/2 here (ALPN chose: {chosen})")
+
+
+class StreamResetError(Exception):
+    """The server reset the stream (RST_STREAM) before answering it whole."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"the server reset the stream (RST_STREAM {_h2_code(self.code)})"
+
+
+class GoAwayError(Exception):
+    """The server sent GOAWAY and will not process this stream."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"the server went away before this stream (GOAWAY {_h2_code(self.code)})"
+
+
+def _h2_code(code: int) -> str:
+    from h2.errors import ErrorCodes
+
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"0x{code:x}"
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -170,6 +214,12 @@ def classify(exc: BaseException, *, timeout: float | None = None) -> Problem:
         return Problem(Cause.HTTP_STATUS, str(exc))
     if isinstance(exc, BadResponseError):
         return Problem(Cause.BAD_RESPONSE, f"malformed response: {exc}")
+    if isinstance(exc, StreamResetError):
+        return Problem(Cause.STREAM_RESET, str(exc))
+    if isinstance(exc, GoAwayError):
+        return Problem(Cause.GOAWAY, str(exc))
+    if isinstance(exc, HTTP2RefusedError):
+        return Problem(Cause.NO_HTTP2, str(exc))
     for inner in _causes(exc):
         if isinstance(inner, (CertificateRejectedError, VerificationError, SSL.Error)):
             return Problem(Cause.TLS, _tls_text(inner))

@@ -8,8 +8,10 @@ With C{--processes N} this process runs no clients itself: it starts N
 C{echotwist-client load} children, gives each its share of C{--clients} and
 C{--requests} (C{--duration} as is), and merges what they report into one
 summary and one exit code.  Latency percentiles are exact: each child hands
-over every latency it measured (8-byte doubles on an extra pipe, fd
-L{LATENCY_FD}), not its own percentiles.
+over its whole run record (L{echotwist.client.record}: counts, the HDR
+histogram in its standard encoding, the timeline) on an extra pipe, fd
+L{RECORD_FD}, and the parent adds the records up as C{echotwist-client merge}
+does.  With C{--rate R}, each child sends its share of R.
 
 The token reaches the children through their environment (C{ECHOTWIST_TOKEN}),
 never their command line; their stderr (failure descriptions, warnings) is
@@ -21,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from array import array
-from collections import Counter
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -31,11 +31,11 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from echotwist import tokens
-from echotwist.client.outcome import Cause, ExitCode
-from echotwist.client.stats import Tally
+from echotwist.client.outcome import ExitCode
+from echotwist.client.record import RecordError, RunRecord, merge
 
-#: The fd on which a child writes its latencies (C{--latencies-fd}).
-LATENCY_FD = 3
+#: The fd on which a child writes its run record (C{--record-fd}).
+RECORD_FD = 3
 
 
 def shares(total: int, parts: int) -> list[int]:
@@ -44,7 +44,9 @@ def shares(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def child_argv(options: Any, clients: int, requests: int | None) -> list[str]:
+def child_argv(
+    options: Any, clients: int, requests: int | None, rate: float | None = None
+) -> list[str]:
     """The command line of one child: this run's flags, its share, no token."""
     argv = [
         sys.executable,
@@ -60,13 +62,17 @@ def child_argv(options: Any, clients: int, requests: int | None) -> list[str]:
         "--timeout",
         repr(options["timeout"]),
         "--json",
-        "--latencies-fd",
-        str(LATENCY_FD),
+        "--record-fd",
+        str(RECORD_FD),
     ]
     if requests is not None:
         argv += ["--requests", str(requests)]
     if options["duration"] is not None:
         argv += ["--duration", repr(options["duration"])]
+    if rate is not None:
+        argv += ["--rate", repr(rate)]
+    if options["http2"]:
+        argv += ["--http2", "--streams", str(options["streams"])]
     if options["insecure"]:
         argv.append("--insecure")
     elif options["cacert"] is not None:
@@ -78,19 +84,16 @@ def child_argv(options: Any, clients: int, requests: int | None) -> list[str]:
 
 
 class _Child(ProcessProtocol):
-    """One child: collects its summary and latencies, passes its stderr on."""
+    """One child: collects its run record, passes its stderr on."""
 
     def __init__(self, stderr: TextIO) -> None:
         self._stderr = stderr
-        self._out: list[bytes] = []
-        self._latencies: list[bytes] = []
+        self._record: list[bytes] = []
         self.ended: Deferred[int] = Deferred()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == 1:
-            self._out.append(data)
-        elif childFD == LATENCY_FD:
-            self._latencies.append(data)
+        if childFD == RECORD_FD:
+            self._record.append(data)
         elif childFD == 2:
             self._stderr.write(data.decode("utf-8", "replace"))
             self._stderr.flush()
@@ -99,32 +102,12 @@ class _Child(ProcessProtocol):
         code = getattr(reason.value, "exitCode", None)
         self.ended.callback(ExitCode.TRANSPORT if code is None else int(code))
 
-    def summary(self) -> dict[str, Any] | None:
-        """The child's JSON summary, or L{None} when it printed none."""
-        for line in reversed(b"".join(self._out).splitlines()):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-        return None
-
-    def latencies(self) -> array[float]:
-        values = array("d")
-        raw = b"".join(self._latencies)
-        values.frombytes(raw[: len(raw) - len(raw) % values.itemsize])
-        return values
-
-
-def merge(tally: Tally, summary: dict[str, Any], latencies: array[float]) -> None:
-    """Add one child's outcome to C{tally} (first failures stay with the child)."""
-    tally.verified += int(summary["verified"])
-    tally.mismatched += int(summary["mismatched"])
-    tally.retries += int(summary.get("retries", 0))
-    tally.abandoned += int(summary.get("abandoned", 0))
-    tally.failed.update(Counter({Cause(k): int(v) for k, v in summary["failed"].items()}))
-    tally.latencies.extend(latencies)
+    def record(self) -> RunRecord | None:
+        """The child's run record, or L{None} when it wrote none (or not all of it)."""
+        try:
+            return RunRecord.from_dict(json.loads(b"".join(self._record)), "a child's record")
+        except (ValueError, RecordError):
+            return None
 
 
 class Children:
@@ -145,12 +128,13 @@ class Children:
 
     async def run(
         self, options: Any, processes: int, clients: int
-    ) -> tuple[Tally, float, int | None]:
+    ) -> tuple[RunRecord | None, int | None]:
         """
-        Run the children; return the merged tally, the longest child's elapsed
-        seconds, and the exit code of a child that could not report (else L{None}).
+        Run the children; return their merged record (L{None} if none reported)
+        and the exit code of a child that could not report (else L{None}).
         """
         requests: int | None = options["requests"]
+        rate: float | None = options["rate"]
         client_shares = shares(clients, processes)
         request_shares = shares(requests, processes) if requests is not None else None
         env = {k: v for k, v in os.environ.items() if k != tokens.ENV_VAR}
@@ -159,30 +143,33 @@ class Children:
         children = self._children
         for i, share in enumerate(client_shares):
             child = _Child(self._stderr)
-            argv = child_argv(options, share, request_shares[i] if request_shares else None)
+            argv = child_argv(
+                options,
+                share,
+                request_shares[i] if request_shares else None,
+                None if rate is None else rate * share / clients,
+            )
             self._reactor.spawnProcess(
                 child,
                 sys.executable,
                 argv,
                 env=env,
-                childFDs={0: "w", 1: "r", 2: "r", LATENCY_FD: "r"},
+                childFDs={0: "w", 1: "r", 2: "r", RECORD_FD: "r"},
             )
             children.append(child)
         codes = await gatherResults([c.ended for c in children])
-        tally = Tally()
-        elapsed = 0.0
+        records: list[RunRecord] = []
         failed_code: int | None = None
         for child, code in zip(children, codes, strict=True):
-            summary = child.summary()
-            if summary is None:
+            record = child.record()
+            if record is None:
                 failed_code = failed_code or code or ExitCode.TRANSPORT
-                continue
-            merge(tally, summary, child.latencies())
-            elapsed = max(elapsed, float(summary["elapsed_s"]))
-        return tally, elapsed, failed_code
+            else:
+                records.append(record)
+        return (merge(records) if records else None), failed_code
 
 
-def write_latencies(fd: int, latencies: array[float]) -> None:
-    """A child's side: every latency, as raw doubles, then end of file."""
+def write_record(fd: int, record: RunRecord) -> None:
+    """A child's side: its whole run record, then end of file."""
     with os.fdopen(fd, "wb", closefd=True) as out:
-        out.write(latencies.tobytes())
+        out.write(record.to_json().encode("utf-8"))
