@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -45,6 +46,7 @@ class LoadJobTests(TestCase):
                 command = command.replace("/results", str(results))
                 command = command.replace("/etc/echotwist/ca.pem", str(dev_certs().ca_cert))
                 command = command.replace('"$TARGET"', "https://echotwist.example:8443")
+                command = command.replace('"$START_AT"', repr(time.time() + 90))
                 argv = shlex.split(command.replace("$JOB_COMPLETION_INDEX", "0"))
                 options = ClientOptions()
                 options.parseOptions(argv)  # raises UsageError for a flag it does not know

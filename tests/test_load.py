@@ -360,6 +360,33 @@ class LoadTests(TestCase):
         self.assertEqual(saved.tally.histogram.count, 400)  # every latency of both children
         self.assertEqual(len(saved.sources), 2)
         self.assertEqual(sum(s.requests for s in saved.tally.timeline), 400)
+        # The children began their measured runs together (--start-at).
+        starts = [s.started_at for s in saved.sources]
+        self.assertLess(max(starts) - min(starts), 0.05, starts)
+
+    async def test_start_at_begins_the_measured_run_at_that_wall_clock_time(self) -> None:
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        out = Path(tempfile.mkdtemp(prefix="echotwist-start-at-")) / "run.json"
+        self.addCleanup(shutil.rmtree, out.parent, True)
+        start_at = time.time() + 0.5
+        code, summary, stderr = await load(
+            port, token, f"--start-at={start_at!r}", "--requests=5", "--json", f"--out={out}"
+        )
+        self.assertEqual((code, stderr, summary["verified"]), (0, "", 5))
+        started = record.load(out).started_at
+        self.assertGreaterEqual(started, start_at)
+        self.assertLess(started - start_at, 0.2)
+
+    async def test_a_start_at_that_is_no_time_soon_is_a_usage_error(self) -> None:
+        for value, why in [
+            ("soon", "must be a Unix time in seconds"),
+            ("-1", "within the next 24 hours"),
+            (repr(time.time() + 2 * 86400), "within the next 24 hours"),
+        ]:
+            code, _, stderr = await load(1, "t" * 40, f"--start-at={value}")
+            self.assertEqual(code, 2, stderr)
+            self.assertIn(why, stderr.splitlines()[0])  # the error line, then the short usage
 
     async def test_processes_merge_failures_and_the_exit_code(self) -> None:
         port, _ = await listen(self, make_site(tokens.generate_token()))

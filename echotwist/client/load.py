@@ -94,6 +94,23 @@ def positive_rate(value: str) -> float:
     return rate
 
 
+#: How far ahead --start-at may be: a typo should not leave a run waiting for days.
+MAX_START_AHEAD = 24 * 3600.0
+
+
+def _start_time(value: str) -> float:
+    """C{--start-at}: a Unix time, at most L{MAX_START_AHEAD} seconds ahead."""
+    try:
+        when = float(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"--start-at must be a Unix time in seconds (e.g. $(date +%s)), not {value!r}"
+        ) from None
+    if not when > 0 or when - time.time() > MAX_START_AHEAD:
+        raise usage.UsageError("--start-at must be a Unix time within the next 24 hours")
+    return when
+
+
 class LoadOptions(ConnectionOptions):
     """C{load}: N clients at once, each on its own TLS connection, every echo verified."""
 
@@ -187,6 +204,15 @@ class LoadOptions(ConnectionOptions):
         ],
         ["out", "o", None, "Save the whole run as JSON in this file (for merge and report)."],
         [
+            "start-at",
+            None,
+            None,
+            "Begin the measured run at this wall-clock time (Unix seconds, e.g. "
+            "$(( $(date +%s) + 30 ))), once connected: copies on several machines start "
+            "together, for merge. --processes uses it for its children.",
+            _start_time,
+        ],
+        [
             "record-fd",
             None,
             None,
@@ -261,6 +287,20 @@ class LoadRun:
         self.tally = Tally()
         #: The C{Server} header of the first verified answer (for the run record).
         self.server: str | None = None
+
+    async def wait_until(self, when: float) -> None:
+        """Wait for the wall clock to reach C{when} (C{--start-at}); an interrupt ends the wait."""
+        wait = when - time.time()
+        if wait <= 0 or self.interrupted:
+            return
+        sleeping: Deferred[None] = deferLater(self._reactor, wait)
+        self._sleeping.add(sleeping)
+        try:
+            await sleeping
+        except CancelledError:
+            pass
+        finally:
+            self._sleeping.discard(sleeping)
 
     def begin(self) -> None:
         """The measured run starts now: C{--duration} and the C{--rate} schedule count from here."""
@@ -615,6 +655,8 @@ async def run(reactor: Any, options: LoadOptions, stdout: BinaryIO, stderr: Text
         ticker.start()
         if stdout.isatty() and not options["json"]:
             live = LiveLine(reactor, load.tally, ticker, load.total, options["duration"], stderr)
+        if options["start-at"] is not None:
+            await load.wait_until(options["start-at"])
         started_at = time.time()
         load.begin()
         started = time.perf_counter()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -44,8 +45,17 @@ def shares(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+#: How long after the children are started their measured run begins
+#: (C{--start-at}): time to start Python and connect, so that they begin together.
+START_MARGIN = 1.5
+
+
 def child_argv(
-    options: Any, clients: int, requests: int | None, rate: float | None = None
+    options: Any,
+    clients: int,
+    requests: int | None,
+    rate: float | None = None,
+    start_at: float | None = None,
 ) -> list[str]:
     """The command line of one child: this run's flags, its share, no token."""
     argv = [
@@ -71,6 +81,8 @@ def child_argv(
         argv += ["--duration", repr(options["duration"])]
     if rate is not None:
         argv += ["--rate", repr(rate)]
+    if start_at is not None:
+        argv += ["--start-at", repr(start_at)]
     if options["http2"]:
         argv += ["--http2", "--streams", str(options["streams"])]
     if options["insecure"]:
@@ -141,6 +153,9 @@ class Children:
         if options["token"] is not None:  # None: a client certificate alone
             env[tokens.ENV_VAR] = options["token"]
         children = self._children
+        # One start for all: else the merged run spans their start-up skew,
+        # and reads as slower than each child was.
+        start_at = options["start-at"] or time.time() + START_MARGIN
         for i, share in enumerate(client_shares):
             child = _Child(self._stderr)
             argv = child_argv(
@@ -148,6 +163,7 @@ class Children:
                 share,
                 request_shares[i] if request_shares else None,
                 None if rate is None else rate * share / clients,
+                start_at,
             )
             self._reactor.spawnProcess(
                 child,
