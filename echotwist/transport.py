@@ -461,10 +461,22 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         """
         Twisted's own send path (the handshake, the TLS shutdown, alerts):
         what waits for the end of the turn was encrypted earlier, so it goes
-        first.
+        first, and in the same C{send}.
+
+        One send, not two: a response waiting for the end of the turn and
+        the close_notify of a connection closed after it (HTTP/1.0,
+        C{Connection: close}) would otherwise be two small segments, and
+        Nagle's algorithm holds the second until the client's delayed ACK of
+        the first, 40 ms later; the client sees the end of the answer that
+        late.  (A new connection per request ran at a quarter of its rate.)
         """
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except WantReadError:
+            data = b""
+        if data:
+            self._waiting.append(data)
         self.send_waiting()
-        super()._flushSendBIO()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._handshake_steps > 1 and not self._handshakeDone:
