@@ -148,6 +148,7 @@ class HTTP11Channel:
     # Slots, not an instance dict: an idle keep-alive connection costs about
     # 1.5 KiB less (issue 13 keeps idle-connection memory as it was).
     __slots__ = (
+        "__weakref__",
         "_abort_call",
         "_after_read",
         "_body_left",
@@ -672,6 +673,11 @@ class HTTP11Channel:
         for request in requests:
             request.connectionLost(reason)
         self._waiting.clear()
+        # The parser holds this channel (its callbacks) and the channel the
+        # parser: a cycle only the garbage collector's rare full pass would
+        # free, so a burst of short connections grew the heap by ~8 KiB each.
+        self._parser = None
+        self._parsing = None
 
 
 def _body_length(headers: list[tuple[bytes, bytes]]) -> int | None:

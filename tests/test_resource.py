@@ -5,7 +5,9 @@ channel over a StringTransport.  Fast, no sockets; one behaviour per test.
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 from twisted.trial.unittest import TestCase
 from twisted.web.http import stringToDatetime
@@ -349,3 +351,24 @@ class PiecewiseBodyTests(TestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.header(b"content-length"), b"0")
         self.assertEqual(response.body, b"")
+
+
+class ConnectionMemoryTests(TestCase):
+    def test_a_closed_connection_is_freed_without_the_garbage_collector(self) -> None:
+        """
+        A closed connection's channel goes as soon as nothing refers to it:
+        no reference cycle left for the collector's rare full pass, which let
+        a burst of short connections grow the heap by megabytes.
+        """
+        server = InMemoryHTTP(TOKEN)
+        server.feed(raw_request(b"hello", TOKEN))
+        channel = weakref.ref(server.protocol.channel)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            server.close()
+            del server
+            self.assertIsNone(channel())
+        finally:
+            if collecting:
+                gc.enable()
