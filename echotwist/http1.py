@@ -154,6 +154,7 @@ class HTTP11Channel:
         "_bytes_seen",
         "_clock",
         "_closed",
+        "_handing_over",
         "_head",
         "_head_bytes",
         "_head_done",
@@ -207,6 +208,9 @@ class HTTP11Channel:
         self._paused = False
         self._rejected = False
         self._closed = False
+        #: L{requestDone} is handing waiting requests over: a request that
+        #: finishes inside that loop leaves the next to it (see there).
+        self._handing_over = False
         self._bytes_seen = 0
         #: llhttp has the current request's whole head (it is in its body).
         self._head_done = False
@@ -300,11 +304,20 @@ class HTTP11Channel:
         if not self.persistent:
             self.loseConnection()
             return
-        if self._closed:
+        if self._closed or self._handing_over:
+            # A waiting request answered at once finishes inside the loop
+            # below: the loop goes on with the next one.  Handing it over
+            # from here instead would nest one call deeper per pipelined
+            # request, and a few hundred behind a large answer reach the
+            # recursion limit.
             return
-        while self._waiting and not self.requests:
-            if not self._hand_over(self._waiting.pop(0)):
-                return
+        self._handing_over = True
+        try:
+            while self._waiting and not self.requests:
+                if not self._hand_over(self._waiting.pop(0)):
+                    return
+        finally:
+            self._handing_over = False
         if not self.requests:
             self._idle_again()
             if self._parsing is not None and self._parsing.request is None:
