@@ -514,6 +514,11 @@ class HTTP11Channel:
             # llhttp would read everything after this head as the new
             # protocol; HTTP/2 is offered by ALPN instead, and nothing else is.
             raise _RefusalError(http.BAD_REQUEST, "protocol upgrade requested (not supported)")
+        if not _chunked_only(message.headers):
+            # llhttp takes any codings that end in chunked ("gzip" on one
+            # line, "chunked" on the next); this service decodes none of
+            # them and would echo the coded bytes as if they were the body.
+            raise _RefusalError(http.BAD_REQUEST, "a transfer coding other than chunked")
         message.length = _body_length(message.headers)
         # keep-alive: HTTP/1.1 without "Connection: close".  HTTP/1.0 closes
         # after its answer, as twisted.web's own channel does (and as RFC 9112
@@ -700,6 +705,20 @@ def _body_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if len(name) == 17 and name.lower() == b"transfer-encoding":
             return None
     return 0
+
+
+def _chunked_only(headers: list[tuple[bytes, bytes]]) -> bool:
+    """
+    Whether the request's transfer codings, over every C{Transfer-Encoding}
+    line, are none or exactly C{chunked}: the only one this service undoes.
+    """
+    codings = [
+        coding.strip()
+        for name, value in headers
+        if len(name) == 17 and name.lower() == b"transfer-encoding"
+        for coding in value.lower().split(b",")
+    ]
+    return not codings or codings == [b"chunked"]
 
 
 def _why(error: HttpParserError, message: _Message | None) -> str:
