@@ -169,6 +169,7 @@ class HTTP11Channel:
         "_paused",
         "_peer",
         "_producer",
+        "_refusal",
         "_rejected",
         "_secure",
         "_waiting",
@@ -207,6 +208,8 @@ class HTTP11Channel:
         self._waiting_bytes = 0
         self._paused = False
         self._rejected = False
+        #: A refusal held until the requests before it are answered.
+        self._refusal: int | None = None
         self._closed = False
         #: L{requestDone} is handing waiting requests over: a request that
         #: finishes inside that loop leaves the next to it (see there).
@@ -318,6 +321,9 @@ class HTTP11Channel:
                     return
         finally:
             self._handing_over = False
+        if self._refusal is not None and not self.requests and not self._waiting:
+            self._write_refusal(self._refusal)
+            return
         if not self.requests:
             self._idle_again()
             if self._parsing is not None and self._parsing.request is None:
@@ -661,6 +667,25 @@ class HTTP11Channel:
             self._closed = True
             self.transport.abortConnection()
             return
+        parsing = self._parsing
+        if (
+            self.requests
+            and status != http.INTERNAL_SERVER_ERROR
+            and (parsing is None or parsing.request is None)
+        ):
+            # The bad bytes came after requests that are whole: those are
+            # answered first (closing now would cut a large answer being
+            # streamed), then the refusal; nothing more is read.
+            if parsing is not None and parsing in self._waiting:
+                self._waiting.remove(parsing)
+                self._waiting_bytes -= parsing.size + sum(map(len, parsing.body))
+            self._parsing = None
+            self._refusal = status
+            return
+        self._write_refusal(status)
+
+    def _write_refusal(self, status: int) -> None:
+        """Write the refusal (unless an answer is under way) and close."""
         self._release_head()
         if not any(getattr(r, "startedWriting", False) for r in self.requests):
             self.transport.write(plain_answer(status))
