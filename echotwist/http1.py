@@ -155,6 +155,7 @@ class HTTP11Channel:
         "_bytes_seen",
         "_clock",
         "_closed",
+        "_handing_over",
         "_head",
         "_head_bytes",
         "_head_done",
@@ -169,6 +170,7 @@ class HTTP11Channel:
         "_paused",
         "_peer",
         "_producer",
+        "_refusal",
         "_rejected",
         "_secure",
         "_waiting",
@@ -207,7 +209,12 @@ class HTTP11Channel:
         self._waiting_bytes = 0
         self._paused = False
         self._rejected = False
+        #: A refusal held until the requests before it are answered.
+        self._refusal: int | None = None
         self._closed = False
+        #: L{requestDone} is handing waiting requests over: a request that
+        #: finishes inside that loop leaves the next to it (see there).
+        self._handing_over = False
         self._bytes_seen = 0
         #: llhttp has the current request's whole head (it is in its body).
         self._head_done = False
@@ -301,11 +308,23 @@ class HTTP11Channel:
         if not self.persistent:
             self.loseConnection()
             return
-        if self._closed:
+        if self._closed or self._handing_over:
+            # A waiting request answered at once finishes inside the loop
+            # below: the loop goes on with the next one.  Handing it over
+            # from here instead would nest one call deeper per pipelined
+            # request, and a few hundred behind a large answer reach the
+            # recursion limit.
             return
-        while self._waiting and not self.requests:
-            if not self._hand_over(self._waiting.pop(0)):
-                return
+        self._handing_over = True
+        try:
+            while self._waiting and not self.requests:
+                if not self._hand_over(self._waiting.pop(0)):
+                    return
+        finally:
+            self._handing_over = False
+        if self._refusal is not None and not self.requests and not self._waiting:
+            self._write_refusal(self._refusal)
+            return
         if not self.requests:
             self._idle_again()
             if self._parsing is not None and self._parsing.request is None:
@@ -502,6 +521,11 @@ class HTTP11Channel:
             # llhttp would read everything after this head as the new
             # protocol; HTTP/2 is offered by ALPN instead, and nothing else is.
             raise _RefusalError(http.BAD_REQUEST, "protocol upgrade requested (not supported)")
+        if not _chunked_only(message.headers):
+            # llhttp takes any codings that end in chunked ("gzip" on one
+            # line, "chunked" on the next); this service decodes none of
+            # them and would echo the coded bytes as if they were the body.
+            raise _RefusalError(http.BAD_REQUEST, "a transfer coding other than chunked")
         message.length = _body_length(message.headers)
         # keep-alive: HTTP/1.1 without "Connection: close".  HTTP/1.0 closes
         # after its answer, as twisted.web's own channel does (and as RFC 9112
@@ -644,6 +668,25 @@ class HTTP11Channel:
             self._closed = True
             self.transport.abortConnection()
             return
+        parsing = self._parsing
+        if (
+            self.requests
+            and status != http.INTERNAL_SERVER_ERROR
+            and (parsing is None or parsing.request is None)
+        ):
+            # The bad bytes came after requests that are whole: those are
+            # answered first (closing now would cut a large answer being
+            # streamed), then the refusal; nothing more is read.
+            if parsing is not None and parsing in self._waiting:
+                self._waiting.remove(parsing)
+                self._waiting_bytes -= parsing.size + sum(map(len, parsing.body))
+            self._parsing = None
+            self._refusal = status
+            return
+        self._write_refusal(status)
+
+    def _write_refusal(self, status: int) -> None:
+        """Write the refusal (unless an answer is under way) and close."""
         self._release_head()
         if not any(getattr(r, "startedWriting", False) for r in self.requests):
             self.transport.write(plain_answer(status))
@@ -693,6 +736,20 @@ def _body_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if len(name) == 17 and name.lower() == b"transfer-encoding":
             return None
     return 0
+
+
+def _chunked_only(headers: list[tuple[bytes, bytes]]) -> bool:
+    """
+    Whether the request's transfer codings, over every C{Transfer-Encoding}
+    line, are none or exactly C{chunked}: the only one this service undoes.
+    """
+    codings = [
+        coding.strip()
+        for name, value in headers
+        if len(name) == 17 and name.lower() == b"transfer-encoding"
+        for coding in value.lower().split(b",")
+    ]
+    return not codings or codings == [b"chunked"]
 
 
 def _why(error: HttpParserError, message: _Message | None) -> str:

@@ -46,6 +46,18 @@ MALFORMED: dict[str, tuple[bytes, int | None]] = {
         400,
     ),
     "unknown Transfer-Encoding": (HEAD + b"Transfer-Encoding: gzip\r\n\r\n", 400),
+    # Framed by chunked, but coded by gzip first: echoing the coded bytes
+    # without the coding would not be the body sent.
+    "gzip before chunked, on two lines": (
+        HEAD
+        + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"3\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    "gzip before chunked, on one line": (
+        HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
     "bad chunk size": (HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
     "negative chunk size": (
         HEAD + b"Transfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n",
