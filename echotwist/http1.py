@@ -393,8 +393,11 @@ class HTTP11Channel:
                 self._reject(http.BAD_REQUEST, _why(error, self._parsing))
         finally:
             self._after_read = None
-        for call in pending:
-            call()
+        if not self._rejected:
+            # (After a refusal no body clock is wanted: it would share the
+            # refused connection's timer and answer 408 after the 400.)
+            for call in pending:
+                call()
         if self._waiting_bytes > BACKLOG_BYTES and not self._paused and not self._closed:
             self._paused = True
             self.transport.pauseProducing()
