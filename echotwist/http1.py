@@ -530,10 +530,10 @@ class HTTP11Channel:
             # them and would echo the coded bytes as if they were the body.
             raise _RefusalError(http.BAD_REQUEST, "a transfer coding other than chunked")
         message.length = _body_length(message.headers)
+        self._body_left = message.length
         # keep-alive: HTTP/1.1 without "Connection: close".  HTTP/1.0 closes
         # after its answer, as twisted.web's own channel does (and as RFC 9112
         # section 6.1 asks of an HTTP/1.0 request with Transfer-Encoding).
-        self._body_left = message.length
         message.keep_alive = version == b"HTTP/1.1" and parser.should_keep_alive()
         message.method = parser.get_method()
         if not self.requests:
@@ -602,7 +602,7 @@ class HTTP11Channel:
         Start a waiting message's Request and give it what has arrived of it;
         L{False} when the connection closed on the way.
         """
-        self._waiting_bytes -= message.size + sum(map(len, message.body))
+        self._leave_backlog(message)
         self._start(message)
         request = message.request
         body, message.body = message.body, []
@@ -613,6 +613,10 @@ class HTTP11Channel:
         if message.complete and not self._closed:
             request.requestReceived(request.method, request.uri, request.clientproto)
         return not self._closed
+
+    def _leave_backlog(self, message: _Message) -> None:
+        """A waiting message is handed over or dropped: its bytes no longer count."""
+        self._waiting_bytes -= message.size + sum(map(len, message.body))
 
     def _release_head(self) -> None:
         """Write a held head now (a response with no body, or the connection closing)."""
@@ -682,7 +686,7 @@ class HTTP11Channel:
             # streamed), then the refusal; nothing more is read.
             if parsing is not None and parsing in self._waiting:
                 self._waiting.remove(parsing)
-                self._waiting_bytes -= parsing.size + sum(map(len, parsing.body))
+                self._leave_backlog(parsing)
             self._parsing = None
             self._refusal = status
             return

@@ -288,19 +288,25 @@ class LoadRun:
         #: The C{Server} header of the first verified answer (for the run record).
         self.server: str | None = None
 
-    async def wait_until(self, when: float) -> None:
-        """Wait for the wall clock to reach C{when} (C{--start-at}); an interrupt ends the wait."""
-        wait = when - time.time()
-        if wait <= 0 or self.interrupted:
-            return
-        sleeping: Deferred[None] = deferLater(self._reactor, wait)
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait C{seconds}; L{False} when an interrupt (L{stop}) ended the wait early."""
+        if self.interrupted:
+            return False
+        sleeping: Deferred[None] = deferLater(self._reactor, seconds)
         self._sleeping.add(sleeping)
         try:
             await sleeping
         except CancelledError:
-            pass
+            return False
         finally:
             self._sleeping.discard(sleeping)
+        return True
+
+    async def wait_until(self, when: float) -> None:
+        """Wait for the wall clock to reach C{when} (C{--start-at}); an interrupt ends the wait."""
+        wait = when - time.time()
+        if wait > 0:
+            await self._sleep(wait)
 
     def begin(self) -> None:
         """The measured run starts now: C{--duration} and the C{--rate} schedule count from here."""
@@ -364,15 +370,8 @@ class LoadRun:
             if self._deadline is not None and due >= self._deadline:
                 return
             wait = due - time.perf_counter()
-            if wait > 0:
-                sleeping: Deferred[None] = deferLater(self._reactor, wait)
-                self._sleeping.add(sleeping)
-                try:
-                    await sleeping
-                except CancelledError:
-                    return  # interrupted
-                finally:
-                    self._sleeping.discard(sleeping)
+            if wait > 0 and not await self._sleep(wait):
+                return  # interrupted
             self._issued += 1
             lane = await self._send(lane, seq, due)
             seq += self.senders
