@@ -61,6 +61,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import NotPaused, TaskFinished, TaskStopped, cooperate
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -574,18 +575,28 @@ class BulkTLSProtocol(Protocol):
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """
-        Passed on to the TCP transport, which pauses and resumes it (or, for
-        a pull producer, asks it for more) as its buffer fills and drains.
+        A streaming producer is passed on to the TCP transport, which pauses
+        and resumes it as its buffer fills and drains.  A pull producer is
+        asked for more by a cooperative task (L{_PullAsPush}) that the TCP
+        transport pauses and resumes the same way: the TCP transport itself
+        asks a pull producer for more only when a write of its own queue
+        ends, and small writes here bypass that queue.
         """
         if self._tls_lost:
             producer.stopProducing()
             return
-        self.transport.registerProducer(producer, streaming)
+        if not streaming:
+            producer = _PullAsPush(producer)
+        self.transport.registerProducer(producer, True)
         self._producer = producer
+        if isinstance(producer, _PullAsPush):
+            producer.start()
 
     def unregisterProducer(self) -> None:
         if self._producer is None:
             return
+        if isinstance(self._producer, _PullAsPush):
+            self._producer.finish()
         self._producer = None
         self.transport.unregisterProducer()
         if self.disconnecting and not self._held:
@@ -677,6 +688,62 @@ class BulkTLSProtocol(Protocol):
         # The TLS connection refers to us (its app data, the client's
         # verification callback): break the cycle.
         self._tls = None
+
+
+@implementer(interfaces.IPushProducer)
+class _PullAsPush:
+    """
+    A pull producer driven as a push producer: a cooperative task
+    (L{twisted.internet.task.cooperate}) asks it for more, one
+    C{resumeProducing} per step, until it unregisters; pausing pauses the task.
+    """
+
+    def __init__(self, pull: Any) -> None:
+        self._pull = pull
+        self._task: Any = None
+
+    def _steps(self) -> Any:
+        while True:
+            self._pull.resumeProducing()
+            yield None
+
+    def start(self) -> None:
+        self._task = cooperate(self._steps())
+        self._task.whenDone().addErrback(self._ended)
+
+    @staticmethod
+    def _ended(failure: Failure) -> None:
+        # A task that is stopped (finish, stopProducing) fails its Deferred
+        # with TaskStopped: that is how it ends.  Anything else is the
+        # producer's own error.
+        if not failure.check(TaskStopped):
+            _log.failure("a pull producer failed", failure)
+
+    def finish(self) -> None:
+        """The producer unregistered: stop asking it."""
+        if self._task is not None:
+            try:
+                self._task.stop()
+            except TaskFinished:
+                pass
+
+    def pauseProducing(self) -> None:
+        if self._task is not None:
+            try:
+                self._task.pause()
+            except TaskFinished:
+                pass
+
+    def resumeProducing(self) -> None:
+        if self._task is not None:
+            try:
+                self._task.resume()
+            except (TaskFinished, NotPaused):
+                pass
+
+    def stopProducing(self) -> None:
+        self.finish()
+        self._pull.stopProducing()
 
 
 class EndOfTurnSender:

@@ -20,7 +20,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as openssl_lib
-from twisted.internet import abstract, tcp
+from twisted.internet import abstract, reactor, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     INegotiated,
@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -430,6 +430,79 @@ class WriteBatchingTests(TestCase):
         self.assertEqual(len(taken), 1)
         self.assertEqual(len(pair.wire.queued), 1)
         self.assertEqual(pair.to_client(), body)
+
+
+class ProducerTests(TestCase):
+    async def test_a_pull_producer_is_asked_for_more_until_it_unregisters(self) -> None:
+        """
+        The TCP transport asks a pull producer for more only when a write of
+        its own queue ends, and small answers bypass that queue: without a
+        task of the transport's own asking, this producer would write once.
+        """
+        pair = _Pair()
+        pair.handshake()
+
+        class Pull:
+            asked = 0
+            stopped = False
+
+            def resumeProducing(self) -> None:
+                self.asked += 1
+                pair.server.write(b"chunk %d;" % self.asked)
+                if self.asked == 3:
+                    pair.server.unregisterProducer()
+
+            def stopProducing(self) -> None:
+                self.stopped = True
+
+        pull = Pull()
+        pair.server.registerProducer(pull, False)
+        await eventually(lambda: pull.asked >= 3, 5, "three chunks")
+        await deferLater(reactor, 0.1)
+        self.assertEqual((pull.asked, pull.stopped), (3, False))
+        self.assertEqual(pair.to_client(), b"chunk 1;chunk 2;chunk 3;")
+
+    async def test_a_paused_pull_producer_is_not_asked(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        asked: list[int] = []
+
+        class Pull:
+            def resumeProducing(self) -> None:
+                asked.append(1)
+
+            def stopProducing(self) -> None:
+                pass
+
+        pair.server.registerProducer(Pull(), False)
+        await eventually(lambda: len(asked) >= 1, 5, "the first ask")
+        # What the TCP transport does when its buffer fills.
+        pair.wire.producer.pauseProducing()
+        before = len(asked)
+        await deferLater(reactor, 0.1)
+        self.assertEqual(len(asked), before)
+        pair.wire.producer.resumeProducing()
+        await eventually(lambda: len(asked) > before, 5, "asks after the resume")
+        pair.server.unregisterProducer()
+
+    def test_a_producer_registered_after_the_connection_is_lost_is_stopped(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        stopped: list[bool] = []
+
+        class Push:
+            def pauseProducing(self) -> None:
+                pass
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                stopped.append(True)
+
+        pair.server.registerProducer(Push(), True)
+        self.assertEqual(stopped, [True])
 
 
 class TwistedInternalsTests(TestCase):
