@@ -556,8 +556,7 @@ class EchoRequest(server.Request):
         # A body usually ends in the read its head came in: the timer (a
         # callLater and a cancel per request under HTTP/2) is set only if it
         # has not once that read is done.  The deadline still counts from now.
-        connection = self.channel if self._http1 else getattr(self.channel, "_conn", None)
-        after_read = getattr(connection, "after_read", None)
+        after_read = getattr(self.channel, "after_read", None)
         if after_read is not None and after_read(self._arm_body_clock):
             return
         self._arm_body_clock()

@@ -1,12 +1,12 @@
 """
 How L{echotwist.h2} sends responses: what one read produces leaves in one
 write, a small response's DATA frame carries END_STREAM, and everything that
-cannot go at once (large bodies, a transport pushing back) still goes through
-Twisted's own queue.  In memory: an L{EchoH2Connection} over a
-L{StringTransport}, driven by an h2 client state machine.
+cannot go at once (large bodies, a spent window, a transport pushing back)
+waits in its stream and goes when it can.  In memory: an L{EchoH2Connection}
+over a L{StringTransport}, driven by an h2 client state machine.
 
-The last tests pin the private parts of Twisted and h2 that the module
-relies on or copies, so that an upgrade that changes them fails here.
+The last test pins the h2 method that L{echotwist.h2_machine} copies, so that
+an upgrade that changes it fails here.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
-import priority
 from hyperframe.frame import DataFrame, Frame
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web import _http2
 
-from echotwist.h2 import EchoH2Connection, _LazyPriorityTree, _ServerMachine
+from echotwist.h2 import EchoH2Connection
+from echotwist.h2_machine import ServerMachine
 from tests.support import make_site
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -77,11 +76,9 @@ class H2Exchange:
     def __init__(self, **site_args: Any) -> None:
         self.clock = MemoryReactorClock()
         site = make_site(TOKEN, clock=self.clock, **site_args)
-        self.server = EchoH2Connection(self.clock)
-        self.server.site = site
-        self.server.factory = site
-        self.server.requestFactory = site.requestFactory
-        self.server.callLater = self.clock.callLater
+        self.server = EchoH2Connection.for_site(site)
+        # No idle timer among the clocks these tests count (as before).
+        self.server.timeOut = None
         self.transport = CountingTransport()
         self.server.makeConnection(self.transport)
         self.client = h2.connection.H2Connection(
@@ -225,7 +222,7 @@ class OneWritePerReadTests(TestCase):
         self.assertEqual((exchange.statuses()[sid], exchange.bodies().get(sid, b"")), (b"200", b""))
         self.assertIn(sid, exchange.ended())
 
-    def test_a_body_larger_than_a_frame_goes_through_twisteds_queue(self) -> None:
+    def test_a_body_larger_than_a_frame_is_sent_in_several_frames(self) -> None:
         exchange = self.exchange()
         body = bytes(range(256)) * 160  # 40 KiB: three frames of at most 16 KiB
         sid = exchange.request(body)
@@ -278,7 +275,8 @@ class OneWritePerReadTests(TestCase):
         turns(exchange.clock, 3)
         due = [c for c in exchange.clock.calls if c.getTime() <= exchange.clock.seconds()]
         self.assertEqual(due, [])
-        self.assertIsNotNone(exchange.server._sendingDeferred)
+        self.assertEqual(len(exchange.bodies()[sid]), 100)
+        self.assertNotIn(sid, exchange.ended())
         exchange.client.increment_flow_control_window(10_000, stream_id=sid)
         exchange.send()
         turns(exchange.clock, 5)
@@ -315,7 +313,7 @@ class OneWritePerReadTests(TestCase):
         exchange.receive()
         self.assertIn(sids[1], exchange.ended())
 
-    def test_a_paused_transport_makes_responses_wait_in_twisteds_queue(self) -> None:
+    def test_a_paused_transport_makes_responses_wait_until_it_resumes(self) -> None:
         exchange = self.exchange()
         exchange.server.pauseProducing()
         sid = exchange.request(b"later")
@@ -379,82 +377,6 @@ class OneWritePerReadTests(TestCase):
         self.assertEqual(exchange.ended(), {first, second})
 
 
-class LazyPriorityTreeTests(TestCase):
-    """The lazy tree schedules as the real one would, and keeps its guards."""
-
-    def both(self, *operations: tuple[str, tuple[Any, ...]]) -> tuple[Any, Any]:
-        lazy, real = _LazyPriorityTree(), priority.PriorityTree()
-        for name, args in operations:
-            getattr(lazy, name)(*args)
-            getattr(real, name)(*args)
-        return lazy, real
-
-    def schedule(self, tree: Any, n: int = 12) -> list[int]:
-        return [next(tree) for _ in range(n)]
-
-    def test_default_streams_stay_out_of_the_tree_until_unblocked(self) -> None:
-        lazy, _ = self.both(("insert_stream", (1,)), ("block", (1,)))
-        self.assertRaises(priority.DeadlockError, next, lazy)
-        self.assertEqual(lazy._waiting, {1})
-        lazy.unblock(1)
-        self.assertEqual((lazy._waiting, next(lazy)), (set(), 1))
-
-    def test_removing_a_waiting_stream_touches_nothing(self) -> None:
-        lazy, _ = self.both(("insert_stream", (1,)), ("block", (1,)))
-        lazy.remove_stream(1)
-        self.assertEqual(lazy._waiting, set())
-        self.assertRaises(priority.MissingStreamError, lazy.remove_stream, 1)
-
-    def test_duplicates_are_refused_waiting_or_placed(self) -> None:
-        lazy, _ = self.both(("insert_stream", (1,)), ("insert_stream", (3, 1, 20)))
-        self.assertRaises(priority.DuplicateStreamError, lazy.insert_stream, 1)
-        self.assertRaises(priority.DuplicateStreamError, lazy.insert_stream, 3)
-
-    def test_weights_and_dependencies_schedule_as_the_real_tree(self) -> None:
-        lazy, real = self.both(
-            ("insert_stream", (1,)),
-            ("insert_stream", (3,)),
-            ("insert_stream", (5, 0, 64)),
-            ("block", (1,)),
-            ("block", (3,)),
-            ("unblock", (3,)),
-            ("unblock", (5,)),
-            ("reprioritize", (1, 3, 200)),
-            ("unblock", (1,)),
-        )
-        self.assertEqual(self.schedule(lazy), self.schedule(real))
-
-    def test_an_exclusive_dependency_adopts_waiting_streams(self) -> None:
-        lazy, real = self.both(
-            ("insert_stream", (1,)),
-            ("insert_stream", (3,)),
-            ("insert_stream", (5, 0, 16, True)),
-            ("unblock", (1,)),
-            ("unblock", (3,)),
-            ("unblock", (5,)),
-        )
-        # Stream 5 is now the parent of 1 and 3: only it is scheduled.
-        self.assertEqual(self.schedule(lazy, 4), [5, 5, 5, 5])
-        self.assertEqual(self.schedule(lazy), self.schedule(real))
-
-    def test_a_stream_depending_on_a_waiting_one_places_it(self) -> None:
-        lazy, real = self.both(
-            ("insert_stream", (1,)),
-            ("insert_stream", (3, 1)),
-            ("unblock", (3,)),
-        )
-        self.assertEqual(self.schedule(lazy, 3), [3, 3, 3])
-        lazy.unblock(1)
-        real.unblock(1)
-        self.assertEqual(self.schedule(lazy), self.schedule(real))
-
-    def test_too_many_waiting_streams_are_refused(self) -> None:
-        lazy = _LazyPriorityTree(maximum_streams=3)
-        for sid in (1, 3, 5):
-            lazy.insert_stream(sid)
-        self.assertRaises(priority.TooManyStreamsError, lazy.insert_stream, 7)
-
-
 def _body(function: Any) -> list[ast.stmt]:
     """A function's statements, without its docstring."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
@@ -469,7 +391,7 @@ def _dump(statements: list[ast.stmt]) -> list[str]:
 
 
 class PinnedInternalsTests(TestCase):
-    """What echotwist.h2 copies from or relies on in Twisted and h2."""
+    """What echotwist.h2_machine copies from h2."""
 
     def test_receive_frame_was_written_from_this_h2_method(self) -> None:
         # Ours is h2's (4.4.1) less the trace log call, plus the RFC 9113
@@ -483,37 +405,5 @@ class PinnedInternalsTests(TestCase):
         self.assertEqual(len(theirs), len(_body(h2.connection.H2Connection._receive_frame)) - 1)
         digest = hashlib.sha256(repr(_dump(theirs)).encode()).hexdigest()
         self.assertEqual(digest, "29c0899a744c536067ef29e32c1437fae84cee1c8bb7a454b39f3d44e63bc2ff")
-        ours = ast.unparse(ast.Module(body=_body(_ServerMachine._receive_frame), type_ignores=[]))
+        ours = ast.unparse(ast.Module(body=_body(ServerMachine._receive_frame), type_ignores=[]))
         self.assertIn("self._frame_dispatch_table[frame.__class__](frame)", ours)
-
-    def test_twisted_uses_only_the_priority_calls_the_lazy_tree_has(self) -> None:
-        source = inspect.getsource(_http2.H2Connection)
-        tree = ast.parse(textwrap.dedent(source))
-        used = {
-            node.attr
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Attribute)
-            and node.value.attr == "priority"
-        }
-        self.assertTrue(used)
-        for name in used:
-            self.assertTrue(hasattr(_LazyPriorityTree, name), name)
-        self.assertIn("next(self.priority)", source)
-        self.assertIn("self.priority = priority.PriorityTree()", source)
-
-    def test_twisted_sends_through_the_methods_we_take_over(self) -> None:
-        stream = inspect.getsource(_http2.H2Stream)
-        self.assertIn("self._conn.writeDataToStream(self.streamID, data)", stream)
-        self.assertIn("self._conn.endRequest(self.streamID)", stream)
-        connection = inspect.getsource(_http2.H2Connection)
-        for attribute in (
-            "self._outboundStreamQueues",
-            "self._consumerBlocked",
-            "self._bufferedControlFrames",
-            "self._stillProducing",
-            "self._tryToWriteControlData()",
-            "self._requestDone(stream)",
-            "self.conn = h2.connection.H2Connection(config=config)",
-        ):
-            self.assertIn(attribute, connection)
