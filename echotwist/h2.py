@@ -66,6 +66,9 @@ _DONE = Failure(ConnectionDone())
 
 #: Bytes a stream with data waiting may send per turn of the round robin.
 QUANTUM = 64 * 1024
+#: Bytes of one stream's DATA handed to h2 before they are written, even
+#: during a read (the transport's push back needs a write to happen).
+FLUSH_AT = 256 * 1024
 #: Bytes of frames kept while the transport pushes back (Twisted's H2Connection
 #: keeps 17 KiB of control frames); past it the client is not reading: abort.
 MAX_UNSENT = 64 * 1024
@@ -405,7 +408,7 @@ class EchoH2Connection(Protocol, TimeoutMixin):
         anything is left.  Returns the bytes sent.
         """
         conn, sid, pending = self.conn, stream.stream_id, stream.pending
-        sent = 0
+        sent = flushed = 0
         try:
             while pending and not self._paused and budget != 0:
                 window = conn.local_flow_control_window(sid)
@@ -428,6 +431,11 @@ class EchoH2Connection(Protocol, TimeoutMixin):
                 if last:
                     self._stream_done(stream)
                     break
+                if sent - flushed >= FLUSH_AT:
+                    # A large body leaves now, read or not, so that the
+                    # transport can push back before all of it is in memory.
+                    flushed = sent
+                    self._flush()
             else:
                 if stream.ending and not pending and not self._paused:
                     conn.end_stream(sid)

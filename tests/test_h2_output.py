@@ -23,8 +23,12 @@ import h2.errors
 import h2.events
 import h2.settings
 from hyperframe.frame import DataFrame, Frame
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from echotwist.h2 import EchoH2Connection
 from echotwist.h2_machine import ServerMachine
@@ -70,16 +74,87 @@ def echo_headers(token: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
+class PushBackTransport(CountingTransport):
+    """
+    A transport that, as TCP's does, pauses its producer once more than
+    C{limit} bytes wait unread, and resumes it when they are read.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.paused = False
+        super().__init__()
+        self.limit = limit
+        self.pauses = 0
+        self.most_unread = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        unread = len(self.value())
+        self.most_unread = max(self.most_unread, unread)
+        if unread > self.limit and not self.paused and self.producer is not None:
+            self.paused = True
+            self.pauses += 1
+            self.producer.pauseProducing()
+
+    def clear(self) -> None:
+        super().clear()
+        if self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+
+@implementer(IPullProducer)
+class _ThreePieces:
+    """A pull producer (as twisted.web's static files use): one piece per ask."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.sent = 0
+
+    def resumeProducing(self) -> None:
+        self.request.write(b"piece %d;" % self.sent)
+        self.sent += 1
+        if self.sent == 3:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _PullResource(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> int:
+        request.registerProducer(_ThreePieces(request), False)
+        return NOT_DONE_YET
+
+
+def pull_site(clock: MemoryReactorClock) -> Site:
+    """A plain twisted.web Site whose one resource answers through a pull producer."""
+    site = Site(_PullResource(), reactor=clock)
+    site.timeOut = None
+    return site
+
+
 class H2Exchange:
     """A server connection and a client state machine, joined in memory."""
 
-    def __init__(self, **site_args: Any) -> None:
+    def __init__(
+        self,
+        transport: CountingTransport | None = None,
+        site_for: Any = None,
+        **site_args: Any,
+    ) -> None:
         self.clock = MemoryReactorClock()
-        site = make_site(TOKEN, clock=self.clock, **site_args)
+        if site_for is None:
+            site = make_site(TOKEN, clock=self.clock, **site_args)
+        else:
+            site = site_for(self.clock)
         self.server = EchoH2Connection.for_site(site)
         # No idle timer among the clocks these tests count (as before).
         self.server.timeOut = None
-        self.transport = CountingTransport()
+        self.transport = transport or CountingTransport()
         self.server.makeConnection(self.transport)
         self.client = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -104,6 +179,31 @@ class H2Exchange:
         chunks = [body[i : i + 16384] for i in range(0, len(body), 16384)] or [b""]
         for i, chunk in enumerate(chunks):
             self.client.send_data(sid, chunk, end_stream=end and i == len(chunks) - 1)
+
+    def upload(self, sid: int, body: bytes, end: bool = True) -> None:
+        """Send a body as fast as the server's flow-control windows let the client."""
+        view, sent = memoryview(body), 0
+        for _ in range(10_000):
+            if sent == len(body):
+                break
+            window = self.client.local_flow_control_window(sid)
+            n = min(window, self.client.max_outbound_frame_size, len(body) - sent)
+            if n:
+                self.client.send_data(sid, bytes(view[sent : sent + n]))
+                sent += n
+            else:
+                self.send()
+                self.receive()
+        if end:
+            self.client.end_stream(sid)
+        self.send()
+
+    def open_windows(self) -> None:
+        """Let the server send as much as it likes (the largest windows there are)."""
+        self.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        self.client.increment_flow_control_window(2**31 - 1 - 65535)
+        self.send()
+        self.receive()
 
     def send(self) -> None:
         """Hand what the client has prepared to the server, as one read."""
@@ -375,6 +475,130 @@ class OneWritePerReadTests(TestCase):
         exchange.receive()
         self.assertEqual(exchange.bodies(), {first: b"a", second: b"b" * 20_000})
         self.assertEqual(exchange.ended(), {first, second})
+
+    def test_a_streamed_body_pauses_its_producer_while_the_transport_pushes_back(self) -> None:
+        """
+        A body too large to echo from memory is streamed by a producer; when
+        the transport's buffer is full the producer must wait, not pour the
+        whole body into memory.
+        """
+        transport = PushBackTransport(limit=64 * 1024)
+        exchange = H2Exchange(transport)
+        self.addCleanup(exchange.close)
+        exchange.open_windows()
+        body = bytes(range(256)) * (6 * 1024)  # 1.5 MiB: streamed from its spool
+        sid = exchange.client.get_next_available_stream_id()
+        exchange.client.send_headers(
+            sid, [*echo_headers(TOKEN), (b"content-length", b"%d" % len(body))]
+        )
+        exchange.upload(sid, body)
+        self.assertTrue(transport.paused)
+        self.assertLess(transport.most_unread, len(body) // 2)
+        # Nor is the body waiting in the stream: its producer has stopped.
+        (stream,) = exchange.server.streams.values()
+        self.assertLessEqual(sum(map(len, stream.pending)), 256 * 1024)
+        for _ in range(200):
+            if sid in exchange.ended():
+                break
+            exchange.receive()  # reads everything: the transport resumes us
+            exchange.send()
+        self.assertEqual(exchange.bodies()[sid], body)
+        self.assertIn(sid, exchange.ended())
+        self.assertGreater(transport.pauses, 2)
+        self.assertLess(transport.most_unread, len(body) // 2)
+
+    def test_streams_waiting_for_the_connection_window_take_turns(self) -> None:
+        exchange = self.exchange()
+        exchange.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        exchange.send()
+        exchange.receive()
+        body = b"t" * 200_000
+        sids = []
+        for _ in range(2):
+            sid = exchange.client.get_next_available_stream_id()
+            exchange.client.send_headers(
+                sid, [*echo_headers(TOKEN), (b"content-length", b"%d" % len(body))]
+            )
+            exchange.upload(sid, body, end=False)
+            sids.append(sid)
+        for sid in sids:
+            exchange.client.end_stream(sid)
+        exchange.send()  # both answered in one read: the first takes the 65,535
+
+        def received() -> dict[int, int]:
+            events = exchange.client.receive_data(exchange.transport.value())
+            exchange.transport.clear()
+            got = dict.fromkeys(sids, 0)
+            for event in events:
+                if isinstance(event, h2.events.DataReceived):
+                    got[event.stream_id] += len(event.data)
+            return got
+
+        self.assertEqual(received(), {sids[0]: 65_535, sids[1]: 0})
+        exchange.client.increment_flow_control_window(2 * 65_536)
+        exchange.send()
+        self.assertEqual(received(), {sids[0]: 65_536, sids[1]: 65_536})
+
+    def test_a_burst_of_client_resets_ends_the_connection(self) -> None:
+        """HTTP/2 Rapid Reset (CVE-2023-44487): 1000 resets at once are allowed, not more."""
+        exchange = self.exchange()
+
+        def open_and_reset(n: int) -> None:
+            for _ in range(n):
+                sid = exchange.request(b"", end=False)
+                exchange.client.reset_stream(sid)
+            exchange.send()
+
+        open_and_reset(1000)
+        self.assertFalse(exchange.transport.disconnecting)
+        open_and_reset(1)
+        self.assertTrue(exchange.transport.disconnecting)
+        exchange.receive()
+        terminated = [e for e in exchange.events if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual(
+            [e.error_code for e in terminated], [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+        )
+
+    def test_a_client_that_never_reads_while_pinging_is_aborted(self) -> None:
+        exchange = self.exchange()
+        exchange.server.pauseProducing()
+        for i in range(100):
+            exchange.client.ping(b"%08d" % i)
+        exchange.send()
+        self.assertFalse(exchange.transport.disconnecting)
+        for i in range(5000):
+            exchange.client.ping(b"%08d" % i)
+        exchange.send()
+        self.assertTrue(exchange.transport.disconnected)
+
+    def test_a_pull_producer_is_asked_once_a_turn_until_it_is_done(self) -> None:
+        exchange = H2Exchange(site_for=pull_site)
+        self.addCleanup(exchange.close)
+        sid = exchange.client.get_next_available_stream_id()
+        exchange.client.send_headers(
+            sid,
+            [
+                (b":method", b"GET"),
+                (b":path", b"/"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+            ],
+            end_stream=True,
+        )
+        exchange.send()
+        turns(exchange.clock, 10)
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], b"piece 0;piece 1;piece 2;")
+        self.assertIn(sid, exchange.ended())
+        self.assertFalse([c for c in exchange.clock.getDelayedCalls() if c.active()])
+
+    def test_a_streams_transport_is_its_connections(self) -> None:
+        """What the access line asks for the client certificate (echotwist.mtls)."""
+        exchange = self.exchange()
+        exchange.request(b"x", end=False)
+        exchange.send()
+        (stream,) = exchange.server.streams.values()
+        self.assertIs(stream.request.transport, exchange.transport)
 
 
 def _body(function: Any) -> list[ast.stmt]:
