@@ -11,10 +11,10 @@ implementation is used.
 The contract's part: a request refused at its headers is answered at once, a
 stream the server has finished while the client is still sending it is reset
 (C{RST_STREAM NO_ERROR}, RFC 9113 section 8.1), frames for streams no longer
-tracked are ignored (their flow-control credit given back), header blocks and
-the first request have the same header deadline as HTTP/1.1, a burst of
-client resets ends the connection (CVE-2023-44487), and after the client's
-GOAWAY (or in the drain) the connection closes once its streams are done.
+tracked are ignored (their flow-control credit given back), the first
+request has the same header deadline as HTTP/1.1, a burst of client resets
+ends the connection (CVE-2023-44487), and after the client's GOAWAY (or in
+the drain) the connection closes once its streams are done.
 
 Speed.  Everything one read produces - every stream's HEADERS and DATA,
 WINDOW_UPDATEs, resets - waits in h2's output buffer and leaves in one
@@ -110,6 +110,8 @@ class EchoH2Connection(Protocol, TimeoutMixin):
         self._waiting: dict[int, H2Stream] = {}
         self._batching = False
         self._after_read: list[Callable[[], Any]] = []
+        #: Streams that have held a chunk during this read.
+        self._holding: list[H2Stream] = []
         self._paused = False
         self._unsent = bytearray()
         self._open = True
@@ -124,14 +126,6 @@ class EchoH2Connection(Protocol, TimeoutMixin):
         self._host: IAddress | None = None
         self._reset_tokens = float(RESET_BURST)
         self._reset_time = self._reactor.seconds()
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            RequestReceived: self._request_received,
-            DataReceived: self._data_received,
-            StreamEnded: self._stream_ended,
-            StreamReset: self._stream_reset,
-            WindowUpdated: self._window_opened,
-            RemoteSettingsChanged: self._window_opened,
-        }
 
     # -- the connection --------------------------------------------------------
 
@@ -182,28 +176,23 @@ class EchoH2Connection(Protocol, TimeoutMixin):
                 self._terminate(Failure())
                 return
             self.resetTimeout()
-            handlers = self._handlers
+            handlers = _HANDLERS
             for event in events:
                 if self._closing:
                     break
                 handler = handlers.get(event.__class__)
                 if handler is not None:
-                    handler(event)
+                    handler(self, event)
         finally:
             self._end_of_read()
         if self.conn.peer_went_away:
             self._close_if_peer_done()
-        # A header block split over CONTINUATION frames is buffered inside h2
-        # until it ends; while one is open, the header clock runs.
-        if getattr(self.conn, "_header_frames", None):
-            self._arm_header_deadline()
-        elif self._seen_request:
-            self._cancel_header_deadline()
 
     def _end_of_read(self) -> None:
         """Send what the read produced in one write, then run what waited for it."""
         self._batching = False
-        for stream in list(self.streams.values()):
+        holding, self._holding = self._holding, []
+        for stream in holding:
             if stream.held is not None:
                 self._release_held(stream)
         self._flush()
@@ -249,7 +238,10 @@ class EchoH2Connection(Protocol, TimeoutMixin):
     # -- h2's events ---------------------------------------------------------------
 
     def _request_received(self, event: RequestReceived) -> None:
-        self._seen_request = True
+        if not self._seen_request:
+            # The first request's headers are in: the header deadline is over.
+            self._seen_request = True
+            self._cancel_header_deadline()
         stream = H2Stream(self, event.stream_id)
         self.streams[event.stream_id] = stream
         stream.start(event.headers)
@@ -340,6 +332,7 @@ class EchoH2Connection(Protocol, TimeoutMixin):
             and len(data) <= self.conn.local_flow_control_window(stream.stream_id)
         ):
             stream.held = data
+            self._holding.append(stream)
             return
         stream.pending.append(data)
         self._send_pending(stream)
@@ -533,7 +526,7 @@ class EchoH2Connection(Protocol, TimeoutMixin):
     # and Twisted's TLS transport does not close while a producer is
     # registered: every close unregisters it first.
 
-    def _close(self) -> None:
+    def _send_and_close(self) -> None:
         """Send what is queued, then close; abort if the client never reads it."""
         self._batching = False
         self._paused = False
@@ -551,7 +544,7 @@ class EchoH2Connection(Protocol, TimeoutMixin):
 
     def _terminate(self, reason: Failure) -> None:
         """A connection error: h2 has queued its GOAWAY; send it, close, drop every stream."""
-        self._close()
+        self._send_and_close()
         streams, self.streams = self.streams, {}
         self._waiting.clear()
         for stream in streams.values():
@@ -566,7 +559,7 @@ class EchoH2Connection(Protocol, TimeoutMixin):
             self.conn.close_connection(error_code=code)
         except ProtocolError:
             pass
-        self._close()
+        self._send_and_close()
 
     def _close_if_peer_done(self) -> None:
         """After the client's GOAWAY, close once no stream is left (RFC 9113 6.8)."""
@@ -582,4 +575,16 @@ class EchoH2Connection(Protocol, TimeoutMixin):
             self.conn.close_connection()
         except ProtocolError:
             pass
-        self._close()
+        self._send_and_close()
+
+
+#: What each h2 event is handed to (any other event needs nothing of us: h2
+#: has answered it, or, as priority, RFC 9113 leaves it to the server).
+_HANDLERS: dict[type, Callable[[EchoH2Connection, Any], None]] = {
+    RequestReceived: EchoH2Connection._request_received,
+    DataReceived: EchoH2Connection._data_received,
+    StreamEnded: EchoH2Connection._stream_ended,
+    StreamReset: EchoH2Connection._stream_reset,
+    WindowUpdated: EchoH2Connection._window_opened,
+    RemoteSettingsChanged: EchoH2Connection._window_opened,
+}
