@@ -29,12 +29,15 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.internet import ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+#: What C{ssl.trustRootFromCertificates} returns.  Its interface,
+#: C{IOpenSSLTrustRoot}, lives in a private module (C{twisted.internet._sslverify}).
+TrustRoot = Any
 
 #: TLS 1.2: forward-secret (ECDHE) AEAD suites only.
 TLS12_CIPHERS = (
@@ -199,7 +202,7 @@ def server_context_factory(
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
-def load_trust_root(cafile: str | Path) -> IOpenSSLTrustRoot:
+def load_trust_root(cafile: str | Path) -> TrustRoot:
     """Trust every certificate in a PEM bundle (one CA or several)."""
     data = Path(cafile).read_bytes()
     blocks: Sequence[bytes] = _PEM_CERT.findall(data)
@@ -264,7 +267,7 @@ class _VerifyingCreator:
     """
 
     def __init__(
-        self, hostname: str, trust_root: IOpenSSLTrustRoot, pair: ClientPair | None = None
+        self, hostname: str, trust_root: TrustRoot, pair: ClientPair | None = None
     ) -> None:
         self._hostname = hostname
         extra: dict[str, Any] = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
@@ -310,9 +313,7 @@ class VerifyingPolicy:
     trust root or the system's: one policy whatever the trust comes from.
     """
 
-    def __init__(
-        self, trust_root: IOpenSSLTrustRoot | None = None, pair: ClientPair | None = None
-    ) -> None:
+    def __init__(self, trust_root: TrustRoot | None = None, pair: ClientPair | None = None) -> None:
         """@param pair: the client certificate to present, if any."""
         self._trust_root = trust_root if trust_root is not None else ssl.platformTrust()
         self._pair = pair

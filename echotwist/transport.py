@@ -1,25 +1,21 @@
 """
-The server's TLS transport: Twisted's memory-BIO TLS, tuned for large bodies.
+The TLS transport, server and load client: pyOpenSSL on memory BIOs, under
+any protocol, moving bulk data in batches.
 
-Twisted's L{TLSMemoryBIOProtocol} moves one TLS record (at most 16 KiB) at a
-time in both directions.  On the way in, C{_flushReceiveBIO} hands every
-record's plaintext to the protocol stack on its own, so a 1 MiB request body
-climbs through the HTTP channel, the transfer decoder and the request some 64
-times.  On the way out, C{_write} cuts the data into 16 KiB slices (a copy
-each), and after each C{SSL_write} reads the send BIO and calls
-C{transport.write} once, so the TCP transport collects 64 pieces to join again
-before it sends them, at most C{SEND_LIMIT} (128 KiB) per writable event.  The
-plain TCP transport reads at most 64 KiB per C{recv}.
-
-L{BulkTLSProtocol} keeps Twisted's protocol (the handshake, shutdown, producer
-and error handling are all Twisted's) and changes only how bytes are batched:
+L{BulkTLSProtocol} is a protocol for the TCP transport and a transport for
+the protocol it wraps, as Twisted's L{twisted.protocols.tls.TLSMemoryBIOProtocol}
+is; it is written here, on pyOpenSSL's public API and Twisted's public
+interfaces, rather than as a subclass that overrides Twisted's private
+methods.  What it does differently, and why it exists:
 
   - the records that one read from the socket brought are decrypted into one
     buffer (C{SSL_read} straight into it, not pyOpenSSL's buffer and copy per
-    record) and handed up in one C{dataReceived} call;
-  - every write is encrypted at once: without L{twisted.protocols.tls.BufferingTLSTransport}'s
-    gathering of small writes per connection, which cost a C{callLater(0)}
-    per response, since both our channels already write in batches (HTTP/1.1
+    record) and handed up in one C{dataReceived} call: Twisted hands each
+    16 KiB record up on its own, so a 1 MiB request body climbs through the
+    HTTP channel some 64 times;
+  - every write is encrypted at once, with no gathering of small writes per
+    connection (Twisted's C{BufferingTLSTransport} costs a C{callLater(0)}
+    per response), since both our channels already write in batches (HTTP/1.1
     a small response as one buffer, HTTP/2 what one read's streams produced);
   - small ciphertext (a whole small response) waits for the end of the
     reactor turn and is sent then, one C{send} per connection, one timer per
@@ -30,10 +26,17 @@ and error handling are all Twisted's) and changes only how bytes are batched:
     C{memoryview} (no copy), and each slice's ciphertext is read from the BIO
     into a buffer of ours and sent to the socket straight away when nothing is
     waiting before it (what the kernel does not take is queued as usual);
-  - the TCP transport reads up to L{READ_SIZE} bytes per C{recv} and sends up to
-    L{SEND_LIMIT} per C{send};
-  - the protocol class has no C{__getattr__} (L{_without_attribute_forwarding}),
-    so CPython's fast attribute access works on it.
+    Twisted cuts a write into 16 KiB slices (a copy each) and hands the TCP
+    transport 64 pieces to join again;
+  - the TCP transport reads up to L{READ_SIZE} bytes per C{recv} and sends up
+    to L{SEND_LIMIT} per C{send} (64 KiB and 128 KiB in Twisted);
+  - no class here has a C{__getattr__} (Twisted's L{ProtocolWrapper} has one),
+    so CPython's specialised attribute loads work on every access.
+
+The bulk path calls libssl through pyOpenSSL's cffi bindings, which are
+private; they and the three pointers they take are named, with why, in
+L{echotwist.upstream}.  The handshake, errors and the TLS shutdown go through
+pyOpenSSL's public methods.
 
 L{BulkTLSFactory} builds these protocols, and L{TLSServerEndpoint} listens
 with it where C{SSL4ServerEndpoint} would have used Twisted's own factory.
@@ -43,19 +46,29 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError, _ffi, _lib
-from twisted.internet import endpoints, interfaces, tcp
+from OpenSSL import SSL
+from OpenSSL.SSL import Error, SysCallError, WantReadError, ZeroReturnError
+from twisted.internet import endpoints, interfaces
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import classImplements, implementedBy, implementer
-from zope.interface.interface import Method
+from zope.interface import implementer
 
 from echotwist.metrics import COUNTS, handshake_failure_reason
+from echotwist.upstream import ffi as _ffi
+from echotwist.upstream import libssl as _lib
+from echotwist.upstream import ssl_pointers, tcp_queue_length
 
 #: Bytes the TCP transport asks the kernel for per read (Twisted's default is
 #: 64 KiB): a 1 MiB body arrives in a few reactor turns instead of 16+.
@@ -129,9 +142,28 @@ def _read_plaintext(tls: Any, ssl: Any, into_ssl: Any) -> tuple[bytes, bool]:
         # caller meets it on its next call.
         more = filled == room or _lib.SSL_get_error(ssl, result) != _lib.SSL_ERROR_WANT_READ
         return _ffi.buffer(buffer, filled)[:], more
-    tls._raise_ssl_error(ssl, result)
-    # SSL_read failed without an error to raise: treat it as "nothing yet".
-    raise WantReadError()
+    if _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ:
+        # No whole record (a record split over two reads): the usual failure.
+        raise WantReadError()
+    # Anything else (the peer's close_notify, an alert, a bad record):
+    # pyOpenSSL's own recv meets the same state again, since nothing came in
+    # since, and raises it as pyOpenSSL raises it, with the reason OpenSSL
+    # left on its error queue.  Should it read something after all, that is
+    # what there was.
+    return tls.recv(MAX_RECORD), True
+
+
+def _represents_eof(error: Error) -> bool:
+    """
+    Whether an OpenSSL error says the peer closed TCP without a TLS close:
+    reported as a lost connection, as Twisted reports it.
+    """
+    if isinstance(error, SysCallError):
+        return str(error.args[-1]).casefold().startswith("unexpected eof")
+    queue = error.args[0] if error.args else None
+    if not queue:
+        return True
+    return str(queue[-1][-1]).casefold().startswith("unexpected eof")
 
 
 def _forwarder(name: str) -> Any:
@@ -143,142 +175,173 @@ def _forwarder(name: str) -> Any:
     return forward
 
 
-def _without_attribute_forwarding(tls: type, tcp: type) -> type:
-    """
-    Twisted's TLS protocol class C{tls}, rebuilt on a copy of
-    L{ProtocolWrapper} without its C{__getattr__}; the methods of the
-    interfaces the TCP transport class C{tcp} implements that C{tls} does not
-    define are forwarded one by one instead.
-
-    Why: C{ProtocolWrapper.__getattr__} forwards any attribute the wrapper
-    lacks to the transport underneath.  A class with C{__getattr__} anywhere
-    in its MRO gets CPython's slow attribute hook for every attribute access,
-    found or not, and none of 3.11's specialised attribute and method loads:
-    each C{self._x} of the TLS code, and each call the channel makes on its
-    transport, takes the slow generic path.  Without it a keep-alive request
-    costs ~3% fewer instructions (C{bench/run count}: 433,828 -> 420,547).  What the wrapper
-    forwarded and anyone may ask of a transport is in the TCP transport's
-    interfaces (L{ProtocolWrapper.makeConnection} declares them on the
-    wrapper): C{pauseProducing}, C{getTcpNoDelay}, C{fileno} and so on.
-
-    Twisted's TLS and wrapper methods call their bases explicitly
-    (C{ProtocolWrapper.makeConnection(self, ...)}, no C{super()}), so they
-    run as they are in the copy; the tests check the copy holds Twisted's
-    own functions.
-    """
-    # Per-class slots and zope's declarations (re-made below) are not copied.
-    skip = {"__dict__", "__weakref__", "__getattr__"}
-    skip |= {"__implemented__", "__provides__", "__providedBy__"}
-    base = ProtocolWrapper
-    here = {"__module__": __name__}
-    wrapper = type(
-        base.__name__,
-        base.__bases__,
-        {k: v for k, v in vars(base).items() if k not in skip} | here,
-    )
-    copy = type(
-        tls.__name__, (wrapper,), {k: v for k, v in vars(tls).items() if k not in skip} | here
-    )
-    # Declared as Twisted declares it (zope's mypy plugin cannot see a class
-    # made by type(), hence the call through a name).
-    declare = classImplements
-    declare(copy, *implementedBy(tls))
-    for interface in implementedBy(tcp).flattened():
-        for name in interface.names():
-            if not hasattr(copy, name) and isinstance(interface[name], Method):
-                setattr(copy, name, _forwarder(name))
-    return copy
-
-
-_TLSProtocol: type[TLSMemoryBIOProtocol] = _without_attribute_forwarding(
-    TLSMemoryBIOProtocol, tcp.Server
+@implementer(
+    interfaces.ISSLTransport,
+    interfaces.INegotiated,
+    interfaces.ISystemHandle,
+    interfaces.IPushProducer,
+    interfaces.IConsumer,
+    interfaces.ILoggingContext,
 )
-
-
-class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
+class BulkTLSProtocol(Protocol):
     """
-    Twisted's TLS transport, moving bulk data in batches instead of one TLS
-    record at a time, and encrypting every write at once.
+    TLS over a TCP transport, for the protocol it wraps.
+
+    The life of a connection: the handshake runs from the first bytes; the
+    wrapped protocol is connected at once and what it writes before the
+    handshake is done waits (L{_held}); then records are decrypted as they
+    come and writes encrypted as they are made.  C{loseConnection} sends
+    close_notify once held writes and a streaming producer are done, and
+    closes TCP when the peer has answered with its own (or goes away);
+    C{abortConnection} drops everything.  The wrapped protocol's
+    C{connectionLost} gets the TLS failure if there was one, else TCP's
+    reason.
+
+    @ivar wrappedProtocol: the protocol this connection carries.
+    @ivar disconnecting: C{loseConnection} or C{abortConnection} was called.
     """
 
-    #: Small ciphertext waiting for the end of the reactor turn.
-    _waiting: list[bytes]
-    #: The connection's C{SSL} pointer and memory BIOs (cffi pointers).
-    _ssl: Any
-    _into_ssl: Any
-    _from_ssl: Any
+    factory: BulkTLSFactory
+    #: The TCP transport (Twisted's C{tcp.Server} or C{tcp.Client}).
+    transport: Any
+    connected = False
+    disconnecting = False
+    #: The TLS connection (L{None} once the connection is gone).
+    _tls: SSL.Connection | None = None
+    handshake_done = False
+    #: TLS is over: shut down, failed, or the TCP connection is gone.
+    _tls_lost = False
+    _aborted = False
+    #: The reason the wrapped protocol's connectionLost gets, when TLS knows better than TCP.
+    _lost_reason: Failure | None = None
+    #: The producer the wrapped protocol registered (passed on to the TCP transport).
+    _producer: Any = None
+    #: Steps of the handshake taken so far; -1 once it is counted, or on a client.
+    _handshake_steps = 0
+
+    def __init__(self, factory: BulkTLSFactory, wrapped: IProtocol) -> None:
+        self.factory = factory
+        self.wrappedProtocol = wrapped
+        #: Plaintext written before the handshake finished, or refused by OpenSSL for now.
+        self._held: list[bytes] = []
+        #: Small ciphertext waiting for the end of the reactor turn.
+        self._waiting: list[bytes] = []
+
+    # -- the connection -------------------------------------------------------
 
     def makeConnection(self, transport: Any) -> None:
-        self._waiting = []
         # Instance attributes of the TCP transport: tcp.Connection.doRead reads
         # bufferSize bytes, writeSomeData sends at most SEND_LIMIT.
         transport.bufferSize = READ_SIZE
         transport.SEND_LIMIT = SEND_LIMIT
-        super().makeConnection(transport)
-        # The OpenSSL pointers, read once: attribute reads on an SSL.Connection
-        # take the slow path (it has a __getattr__).  Nothing goes through
-        # our read and write paths before this: application data waits for
-        # the handshake, which Twisted's own paths carry.
-        tls = self._tlsConnection
-        self._ssl = tls._ssl
-        self._into_ssl = tls._into_ssl
-        self._from_ssl = tls._from_ssl
+        self._tls = tls = self.factory.connection_for(self)
+        #: The connection's C{SSL} pointer and memory BIOs (cffi pointers).
+        self._ssl_pointer, self._bio_in, self._bio_out = ssl_pointers(tls)
+        Protocol.makeConnection(self, transport)
+        self.wrappedProtocol.makeConnection(self)
+        self._handshake()
 
-    # -- handshakes, counted by the server (echotwist.metrics) ----------------
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedProtocol
+        inner = (
+            wrapped.logPrefix()
+            if interfaces.ILoggingContext.providedBy(wrapped)
+            else type(wrapped).__name__
+        )
+        return f"{inner} (TLS)"
 
-    #: Steps of the handshake taken so far; 0 once it is counted, or on a client.
-    _handshake_steps = 0
-
-    def _checkHandshakeStatus(self) -> None:
-        """Twisted's handshake step (at connect, then per read until done), counted."""
-        super()._checkHandshakeStatus()
-        if not self._bulk_factory.server_side or self._handshake_steps < 0:
+    def _handshake(self) -> None:
+        """One step of the handshake (at connect, then per read until it is done), counted."""
+        if self._aborted or self._tls is None:
+            return
+        try:
+            self._tls.do_handshake()
+        except WantReadError:
+            self._flush_tls_output()
+        except Error:
+            self._tls_failed(Failure())
+        else:
+            self.handshake_done = True
+            listener = self.wrappedProtocol
+            if IHandshakeListener.providedBy(listener):
+                listener.handshakeCompleted()
+        if not self.factory.server_side or self._handshake_steps < 0:
             return
         self._handshake_steps += 1
-        if self._handshakeDone:
+        if self.handshake_done:
             COUNTS.handshake_done()
             self._handshake_steps = -1
-        elif self._lostTLSConnection:
-            COUNTS.handshake_failed(handshake_failure_reason(self._reason))
+        elif self._tls_lost and self._lost_reason is not None:
+            COUNTS.handshake_failed(handshake_failure_reason(self._lost_reason))
             self._handshake_steps = -1
+
+    def getHandle(self) -> SSL.Connection | None:
+        """The pyOpenSSL connection (for C{Certificate.peerFromTransport} and the like)."""
+        return self._tls
+
+    def getPeerCertificate(self) -> Any:
+        return self._tls.get_peer_certificate() if self._tls is not None else None
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        """The protocol ALPN agreed on (L{None} before the handshake, or without ALPN)."""
+        if self._tls is None:
+            return None
+        return self._tls.get_alpn_proto_negotiated() or None
+
+    getPeer = _forwarder("getPeer")
+    getHost = _forwarder("getHost")
+    getTcpNoDelay = _forwarder("getTcpNoDelay")
+    setTcpNoDelay = _forwarder("setTcpNoDelay")
+    getTcpKeepAlive = _forwarder("getTcpKeepAlive")
+    setTcpKeepAlive = _forwarder("setTcpKeepAlive")
+    #: Producer calls from the wrapped protocol (a channel that stops reading).
+    pauseProducing = _forwarder("pauseProducing")
+    resumeProducing = _forwarder("resumeProducing")
+    stopProducing = _forwarder("stopProducing")
 
     # -- in -----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Ciphertext from the socket.  Once the handshake is done and nothing
-        waits to be encrypted, it goes into the BIO with C{BIO_write} directly
-        (pyOpenSSL's C{bio_write} checks its argument's type and warns about
-        text first) and the records are read at once; everything else is
-        Twisted's C{dataReceived}.
+        Ciphertext from the socket.  Once the handshake is done and nothing is
+        held, it goes into the BIO with C{BIO_write} directly (pyOpenSSL's
+        C{bio_write} checks its argument's type and warns about text first);
+        before, it drives the handshake.
         """
-        if self._handshakeDone and not self._appSendBuffer:
-            into_ssl = self._into_ssl
-            result = _lib.BIO_write(into_ssl, _ffi.from_buffer(data), len(data))
-            if result <= 0:
-                self._tlsConnection._handle_bio_errors(into_ssl, result)
-            self._flushReceiveBIO()
+        if self.handshake_done and not self._held:
+            if _lib.BIO_write(self._bio_in, _ffi.from_buffer(data), len(data)) <= 0:
+                # It did not take the bytes (out of memory): pyOpenSSL's own
+                # bio_write tries again and raises what OpenSSL says.
+                self._tls.bio_write(data)  # type: ignore[union-attr]
+            self._read_records()
             return
-        super().dataReceived(data)
+        if self._tls is None:
+            return
+        self._tls.bio_write(data)
+        if not self.handshake_done:
+            self._handshake()
+            if not self.handshake_done:
+                return
+        if self._held:
+            self._release_held()
+        self._read_records()
 
-    def _flushReceiveBIO(self) -> None:
+    def _read_records(self) -> None:
         """
         Decrypt every record the receive BIO holds and deliver the plaintext in
-        one C{dataReceived} call (Twisted delivers each record on its own).
+        one C{dataReceived} call.
 
         The records are decrypted straight into one buffer sized for all of
         them (L{_read_plaintext}), which is copied out once: pyOpenSSL's
         C{recv} allocates a buffer per record and copies each out, and the
         records then had to be joined, a second copy of a large body.
-
-        Overrides a private method of L{TLSMemoryBIOProtocol}, called from its
-        C{dataReceived} once the handshake is done (pinned by the tests).
         Bounded: the BIO holds at most what one read from the socket brought.
         """
-        tls = self._tlsConnection
-        ssl, into_ssl = self._ssl, self._into_ssl
+        tls = self._tls
+        ssl, into_ssl = self._ssl_pointer, self._bio_in
         chunks: list[bytes] = []
-        while not self._lostTLSConnection:
+        while not self._tls_lost:
             try:
                 chunk, more = _read_plaintext(tls, ssl, into_ssl)
             except WantReadError:
@@ -287,14 +350,14 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
                 # The peer closed TLS: what it sent before that goes up first.
                 self._deliver(chunks)
                 chunks = []
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
+                self._shutdown_tls()
+                self._tls_over(None)
                 continue
             except Error:
                 failure = Failure()
                 self._deliver(chunks)
                 chunks = []
-                self._tlsShutdownFinished(failure)
+                self._tls_failed(failure)
                 continue
             if chunk:
                 chunks.append(chunk)
@@ -303,54 +366,85 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         self._deliver(chunks)
         # The records read may have produced a reply (e.g. a KeyUpdate); when
         # they did not, small writes stay waiting for the end of the turn.
-        if _lib.BIO_get_mem_data(self._from_ssl, _ffi.NULL) > 0:
-            self._flushSendBIO()
+        if _lib.BIO_get_mem_data(self._bio_out, _ffi.NULL) > 0:
+            self._flush_tls_output()
 
     def _deliver(self, chunks: list[bytes]) -> None:
         if not chunks or self._aborted:
             return
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        ProtocolWrapper.dataReceived(self, data)
+        self.wrappedProtocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     # -- out ----------------------------------------------------------------
 
-    def _write(self, bytes: Any) -> None:
+    def write(self, data: Any) -> None:
         """
-        Encrypt C{bytes} in L{WRITE_CHUNK} slices and hand each slice's
-        ciphertext to the TCP transport in one piece.
+        Encrypt C{data} and send it (small ciphertext at the end of the turn).
+        Before the handshake is done it is held; after C{loseConnection} it is
+        dropped, unless a producer is still registered.
+        """
+        if self.disconnecting and self._producer is None:
+            return
+        if not self.handshake_done or self._held:
+            self._hold(bytes(data))
+            return
+        self._encrypt(data)
 
-        Overrides a private method of L{TLSMemoryBIOProtocol} (called by its
-        C{write} and when writes buffered during a handshake are let go), with
-        the same contract: on C{WantReadError} the rest is buffered with
-        C{_bufferedWrite}; on any other OpenSSL error the connection is torn
-        down with C{_tlsShutdownFinished}.
+    def writeSequence(self, iovec: Any) -> None:
+        self.write(b"".join(iovec))
+
+    def _hold(self, data: bytes) -> None:
+        """Keep plaintext OpenSSL cannot take yet, and ask the producer to pause."""
+        self._held.append(data)
+        if self._producer is not None:
+            self._producer.pauseProducing()
+
+    def _release_held(self) -> None:
+        """Encrypt what was held; then resume the producer, or finish a close that waited."""
+        held, self._held = self._held, []
+        for data in held:
+            self._encrypt(data)
+        if self._held:
+            return
+        if self._producer is not None:
+            self._producer.resumeProducing()
+        elif self.disconnecting:
+            self._shutdown_tls()
+
+    def _encrypt(self, data: Any) -> None:
+        """
+        Encrypt C{data} in L{WRITE_CHUNK} slices and hand each slice's
+        ciphertext to the TCP transport in one piece.
 
         Calls C{SSL_write} directly, like L{_read_plaintext} calls C{SSL_read}:
         pyOpenSSL's C{send} would also look at its three callback helpers and
         the error state after every successful write, where only a failed one
         (C{SSL_write} returning 0 or less) has an error to raise.
         """
-        if self._lostTLSConnection:
+        if self._tls_lost:
             return
-        ssl = self._ssl
-        view = memoryview(bytes)
+        ssl = self._ssl_pointer
+        view = memoryview(data)
         total = len(view)
         done = 0
         while done < total:
             piece = view[done : done + WRITE_CHUNK]
             sent = _lib.SSL_write(ssl, _ffi.from_buffer(piece), len(piece))
             if sent <= 0:
+                # pyOpenSSL's own send meets the same failure again (the
+                # reason is still on OpenSSL's error queue) and raises it as
+                # pyOpenSSL raises it.
                 try:
-                    self._tlsConnection._raise_ssl_error(ssl, sent)
+                    sent = self._tls.send(piece)  # type: ignore[union-attr]
                 except WantReadError:
-                    self._bufferedWrite(view[done:].tobytes())
+                    self._hold(view[done:].tobytes())
                     break
                 except Error:
-                    self._tlsShutdownFinished(Failure())
+                    self._tls_failed(Failure())
                     break
-                # A failure OpenSSL gives no reason for: never loop on it.
-                self._tlsShutdownFinished(Failure(Error("SSL_write failed")))
-                break
+                if sent <= 0:
+                    # A failure OpenSSL gives no reason for: never loop on it.
+                    self._tls_failed(Failure(Error("SSL_write failed")))
+                    break
             done += sent
             self._flush_send_bio(sent)
 
@@ -364,7 +458,7 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         copied.
         """
         size = ciphertext_bound(plaintext)
-        from_ssl = self._from_ssl
+        from_ssl = self._bio_out
         while True:
             buffer = _allocate("char[]", size)
             filled = 0
@@ -406,7 +500,7 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         """
         if len(data) < LARGE_WRITE:
             if not self._waiting:
-                self._bulk_factory.end_of_turn.add(self)
+                self.factory.end_of_turn.add(self)
             self._waiting.append(bytes(data))
             return
         self.send_waiting()
@@ -415,16 +509,10 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
     def _send_now(self, data: Any) -> None:
         """
         Send C{data} if the TCP transport has nothing queued; queue what the
-        kernel does not take.  Reads the transport's private queue
-        (C{dataBuffer}, C{offset}, C{_tempDataLen}); pinned by the tests.
+        kernel does not take (L{tcp_queue_length} reads the transport's queue).
         """
         t: Any = self.transport
-        if (
-            t.connected
-            and not t.disconnecting
-            and not t._tempDataLen
-            and t.offset == len(t.dataBuffer)
-        ):
+        if t.connected and not t.disconnecting and not tcp_queue_length(t):
             sent = t.writeSomeData(data)
             if isinstance(sent, int) and sent > 0:
                 if sent == len(data):
@@ -457,11 +545,10 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         if t is not None and t.connected:
             self._send_now(data)
 
-    def _flushSendBIO(self) -> None:
+    def _flush_tls_output(self) -> None:
         """
-        Twisted's own send path (the handshake, the TLS shutdown, alerts):
-        what waits for the end of the turn was encrypted earlier, so it goes
-        first, and in the same C{send}.
+        Send what OpenSSL itself wrote (the handshake, alerts, close_notify),
+        with what waits for the end of the turn before it, in one C{send}.
 
         One send, not two: a response waiting for the end of the turn and
         the close_notify of a connection closed after it (HTTP/1.0,
@@ -470,29 +557,126 @@ class BulkTLSProtocol(_TLSProtocol):  # type: ignore[valid-type,misc]
         the first, 40 ms later; the client sees the end of the answer that
         late.  (A new connection per request ran at a quarter of its rate.)
         """
-        try:
-            data = self._tlsConnection.bio_read(2**15)
-        except WantReadError:
-            data = b""
-        if data:
-            self._waiting.append(data)
+        if self._tls is not None:
+            try:
+                data = self._tls.bio_read(2**15)
+            except WantReadError:
+                data = b""
+            while data:
+                self._waiting.append(data)
+                try:
+                    data = self._tls.bio_read(2**15)
+                except WantReadError:
+                    break
         self.send_waiting()
 
+    # -- the end ------------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Passed on to the TCP transport, which pauses and resumes it (or, for
+        a pull producer, asks it for more) as its buffer fills and drains.
+        """
+        if self._tls_lost:
+            producer.stopProducing()
+            return
+        self.transport.registerProducer(producer, streaming)
+        self._producer = producer
+
+    def unregisterProducer(self) -> None:
+        if self._producer is None:
+            return
+        self._producer = None
+        self.transport.unregisterProducer()
+        if self.disconnecting and not self._held:
+            self._shutdown_tls()
+
+    def loseConnection(self) -> None:
+        """
+        Send close_notify once what is held and the producer are done; TCP
+        is closed when the peer answers with its own close_notify or goes.
+        During the handshake there is nothing to shut down: the connection
+        is aborted (OpenSSL would wait for the handshake to end first).
+        """
+        if self.disconnecting or not self.connected:
+            return
+        if not self.handshake_done and not self._held:
+            self.abortConnection()
+        self.disconnecting = True
+        if not self._held and self._producer is None:
+            self._shutdown_tls()
+
+    #: TLS's half-close is its close_notify, and C{loseConnection} already
+    #: reads on until the peer answers with its own.
+    loseWriteConnection = loseConnection
+
+    def abortConnection(self) -> None:
+        """Drop the connection: nothing more is delivered or sent."""
+        self._aborted = True
+        self.disconnecting = True
+        self._shutdown_tls()
+        self.transport.abortConnection()
+
+    def failVerification(self, reason: Failure) -> None:
+        """
+        The peer's certificate failed our check (Twisted's client connection
+        creators call this): abort, with C{reason} for connectionLost.
+        """
+        self._lost_reason = reason
+        self.abortConnection()
+
+    def _shutdown_tls(self) -> None:
+        """Send our close_notify (or answer the peer's); close TCP when both are done."""
+        if self._tls is None:
+            return
+        try:
+            done = self._tls.shutdown()
+        except Error:
+            # Mid-handshake OpenSSL may refuse (pyOpenSSL cannot tell why).
+            done = False
+        self._flush_tls_output()
+        if done:
+            self.transport.loseConnection()
+
+    def _tls_failed(self, reason: Failure) -> None:
+        """
+        TLS failed (a bad record, a handshake alert): say why to the wrapped
+        protocol, send our alert, close TCP.  The peer closing TCP without a
+        close_notify is reported as a lost connection, as Twisted does.
+        """
+        if isinstance(reason.value, Error) and _represents_eof(reason.value):
+            reason = Failure(ConnectionLost())
+        self._tls_over(reason)
+
+    def _tls_over(self, reason: Failure | None) -> None:
+        """TLS is over (L{None}: cleanly); close TCP after sending what OpenSSL has."""
+        if self._lost_reason is None:
+            self._lost_reason = reason
+        self._tls_lost = True
+        self._flush_tls_output()
+        self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._handshake_steps > 1 and not self._handshakeDone:
+        if self._handshake_steps > 1 and not self.handshake_done:
             # The client sent part of a handshake and left (or timed out): a
             # connect-and-close probe, which sends nothing, is not counted.
             COUNTS.handshake_failed("closed")
         self._handshake_steps = -1
-        super().connectionLost(reason)
-        # Nothing is sent any more (connectionLost above may have delivered a
-        # last read, and its answer may be waiting).
+        if not self._tls_lost and self._tls is not None:
+            # What the BIO still holds may be whole records: they go up first.
+            self._tls.bio_shutdown()
+            self._read_records()
+            self._tls_lost = True
+        reason = self._lost_reason or reason
+        self._lost_reason = None
+        self.connected = False
+        # Nothing is sent any more (the last read may have made an answer).
         self._waiting = []
-        self._bulk_factory.end_of_turn.discard(self)
-
-    @property
-    def _bulk_factory(self) -> BulkTLSFactory:
-        return cast(BulkTLSFactory, self.factory)
+        self.factory.end_of_turn.discard(self)
+        self.wrappedProtocol.connectionLost(reason)
+        # The TLS connection refers to us (its app data, the client's
+        # verification callback): break the cycle.
+        self._tls = None
 
 
 class EndOfTurnSender:
@@ -529,19 +713,68 @@ class EndOfTurnSender:
                 _log.failure("sending a response failed", protocol=protocol)
 
 
-class BulkTLSFactory(TLSMemoryBIOFactory):
+class BulkTLSFactory(Factory):
     """
-    A L{TLSMemoryBIOFactory} whose connections are L{BulkTLSProtocol}s.
+    Makes a L{BulkTLSProtocol} around each protocol C{wrapped} makes.
 
     @ivar clock: the reactor whose turns L{end_of_turn} follows (the global
         reactor unless set).
     """
 
-    protocol = BulkTLSProtocol
+    protocol: type[BulkTLSProtocol] = BulkTLSProtocol  # type: ignore[assignment]
     clock: IReactorTime | None = None
     #: Whether this factory serves (its handshakes are counted) or connects.
     server_side = True
+    noisy = False
     _end_of_turn: EndOfTurnSender | None = None
+
+    def __init__(self, creator: Any, wrapped: IProtocolFactory) -> None:
+        """
+        @param creator: a server context factory (C{getContext}) or
+            L{IOpenSSLServerConnectionCreator}; for a client, an
+            L{twisted.internet.interfaces.IOpenSSLClientConnectionCreator}.
+        """
+        self.creator = creator
+        #: The name Twisted's TLS factory gives it: Twisted's connection
+        #: creators look here for the protocols to offer over ALPN.
+        self.wrappedFactory = wrapped
+
+    def connection_for(self, protocol: BulkTLSProtocol) -> SSL.Connection:
+        """A pyOpenSSL connection on memory BIOs for C{protocol}, as Twisted's TLS makes one."""
+        creator = self.creator
+        connection: SSL.Connection
+        if not self.server_side:
+            connection = creator.clientConnectionForTLS(protocol)
+            connection.set_connect_state()
+        else:
+            if IOpenSSLServerConnectionCreator.providedBy(creator):
+                connection = creator.serverConnectionForTLS(cast(Any, protocol))
+            else:
+                connection = SSL.Connection(creator.getContext(), None)
+            connection.set_accept_state()
+        connection.set_app_data(protocol)
+        return connection
+
+    def buildProtocol(self, addr: Any) -> BulkTLSProtocol | None:  # type: ignore[override]
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
+            return None
+        return self.protocol(self, inner)
+
+    def startFactory(self) -> None:
+        self.wrappedFactory.doStart()
+
+    def stopFactory(self) -> None:
+        self.wrappedFactory.doStop()
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedFactory
+        inner = (
+            wrapped.logPrefix()
+            if interfaces.ILoggingContext.providedBy(wrapped)
+            else type(wrapped).__name__
+        )
+        return f"{inner} (TLS)"
 
     @property
     def end_of_turn(self) -> EndOfTurnSender:
@@ -569,7 +802,7 @@ def tls_factory(
     small writes wait for; C{protocol}, a subclass of L{BulkTLSProtocol} to
     use instead (L{echotwist.proxy}).
     """
-    factory = BulkTLSFactory(context_factory, client, wrapped)
+    factory = BulkTLSFactory(context_factory, wrapped)
     factory.clock = clock
     factory.server_side = not client
     if protocol is not None:

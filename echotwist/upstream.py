@@ -14,6 +14,7 @@ from typing import Any
 
 import h2.connection
 import h2.stream
+from OpenSSL import SSL
 from twisted.protocols.haproxy import _exceptions as _haproxy_exceptions
 from twisted.protocols.haproxy import _v1parser, _v2parser
 
@@ -74,3 +75,49 @@ def stream_closed_by(connection: Any, stream_id: int) -> Any:
 ProxyV1Parser = _v1parser.V1Parser
 ProxyV2Parser = _v2parser.V2Parser
 InvalidProxyHeader = _haproxy_exceptions.InvalidProxyHeader
+
+
+# -- pyOpenSSL ---------------------------------------------------------------
+
+#: pyOpenSSL's cffi bindings of libssl (private; pyOpenSSL has no public way
+#: to read or write a memory BIO into a buffer of one's own).
+#: L{echotwist.transport} calls C{SSL_read}, C{SSL_write}, C{BIO_read},
+#: C{BIO_write}, C{BIO_get_mem_data} and C{SSL_pending} through them on the
+#: bulk path: pyOpenSSL's C{recv} allocates a buffer per TLS record and copies
+#: it out, C{bio_read} copies again, and each call checks its arguments; a
+#: 1 MiB body is 64 records.  Everything that is not the bulk path (the
+#: handshake, errors, shutdown) goes through pyOpenSSL's public methods.
+libssl = SSL._lib
+ffi = SSL._ffi
+
+#: The private attributes of an C{SSL.Connection} made on memory BIOs that
+#: hold its C{SSL *} and its two BIOs, the pointers libssl's calls take.
+SSL_POINTER, INTO_SSL, FROM_SSL = "_ssl", "_into_ssl", "_from_ssl"
+
+
+def ssl_pointers(connection: SSL.Connection) -> tuple[Any, Any, Any]:
+    """
+    C{connection}'s C{SSL *}, the BIO its ciphertext is written into, and the
+    BIO its ciphertext is read from (cffi pointers).
+    """
+    return (
+        getattr(connection, SSL_POINTER),
+        getattr(connection, INTO_SSL),
+        getattr(connection, FROM_SSL),
+    )
+
+
+# -- Twisted's TCP transport ---------------------------------------------------
+
+#: Bytes written to a Twisted TCP transport (L{twisted.internet.abstract.FileDescriptor})
+#: and not yet joined into its send buffer: C{write} appends to a private list
+#: and counts here; C{dataBuffer} and C{offset} (public names, undocumented)
+#: hold what the next C{send} starts from.  L{echotwist.transport} sends a
+#: large response straight to the socket only when nothing is queued before it.
+TCP_UNJOINED_LENGTH = "_tempDataLen"
+
+
+def tcp_queue_length(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds that it has not yet sent."""
+    unjoined: int = getattr(transport, TCP_UNJOINED_LENGTH)
+    return len(transport.dataBuffer) - transport.offset + unjoined

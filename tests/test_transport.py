@@ -3,9 +3,9 @@ The server's TLS transport (L{echotwist.transport}).
 
 Two kinds of test.  The first drive a L{BulkTLSProtocol} by hand against a
 pyOpenSSL client over memory BIOs, so that they can count exactly how bytes
-are batched; they also pin every private piece of Twisted the transport
-relies on (C{_flushReceiveBIO}, C{_write}, the TCP transport's queue, its
-C{bufferSize} and C{SEND_LIMIT}): if Twisted changes one, a test here fails.
+are batched and see how a connection ends; they also pin what the transport
+sets and reads inside Twisted's TCP transport (its queue, C{bufferSize} and
+C{SEND_LIMIT}): if Twisted changes one, a test here fails.
 The others run the real server over real TLS on loopback with a stdlib client
 that controls every write.
 """
@@ -26,6 +26,7 @@ from twisted.internet.interfaces import (
     INegotiated,
     IProtocol,
     IPushProducer,
+    ISSLTransport,
     ISystemHandle,
     ITransport,
 )
@@ -33,12 +34,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from echotwist import tls, transport
+from echotwist import tls, transport, upstream
 from tests.support import (
     dev_certs,
     eventually,
@@ -52,13 +51,17 @@ from tests.support import (
 
 
 class _Recorder(Protocol):
-    """Keeps every C{dataReceived} call."""
+    """Keeps every C{dataReceived} call, and the reason of C{connectionLost}."""
 
     def __init__(self) -> None:
         self.calls: list[bytes] = []
+        self.lost: list[Failure] = []
 
     def dataReceived(self, data: bytes) -> None:
         self.calls.append(data)
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost.append(reason)
 
 
 class _Wire(StringTransport):
@@ -151,7 +154,7 @@ class _Pair:
                 pass
             self.to_server()
             self.to_client()
-            if self.server._handshakeDone and self.client.get_state_string().startswith(b"SSL"):
+            if self.server.handshake_done and self.client.get_state_string().startswith(b"SSL"):
                 break
         self.to_server()
         self.to_client()
@@ -227,8 +230,53 @@ class ReceiveBatchingTests(TestCase):
         pair.server.dataReceived(good + bytes(bad))
         self.assertEqual(pair.app.calls, [b"intact"])
         self.assertTrue(pair.wire.disconnecting)
-        # Twisted keeps the reason it will give connectionLost.
-        self.assertTrue(pair.server._reason.check(SSL.Error))
+        # TCP's own reason is replaced by the TLS error.
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        [reason] = pair.app.lost
+        self.assertTrue(reason.check(SSL.Error))
+
+    def test_a_corrupt_record_alone_fails_the_connection_with_openssls_reason(self) -> None:
+        """
+        When nothing could be decrypted, the error comes through pyOpenSSL's
+        own C{recv}, with the reason OpenSSL gave: the test would see a bare
+        C{WantReadError} (and a connection left open) if the reason were lost.
+        """
+        pair = _Pair()
+        pair.handshake()
+        pair.client_send(b"tampered with")
+        bad = bytearray(pair._drain(pair.client))
+        bad[-1] ^= 0x01
+        pair.server.dataReceived(bytes(bad))
+        self.assertEqual(pair.app.calls, [])
+        self.assertTrue(pair.wire.disconnecting)
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        [reason] = pair.app.lost
+        self.assertTrue(reason.check(SSL.Error))
+        self.assertIn("bad record mac", str(reason.value).lower())
+
+    def test_close_notify_alone_closes_the_connection_cleanly(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        pair.client.shutdown()
+        pair.to_server()
+        self.assertEqual(pair.app.calls, [])
+        self.assertTrue(pair.wire.disconnecting)
+        # Our close_notify answers the client's.
+        with self.assertRaises(SSL.ZeroReturnError):
+            pair.to_client()
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        [reason] = pair.app.lost
+        self.assertTrue(reason.check(ConnectionDone))
+
+    def test_a_record_split_over_two_reads_waits_for_its_second_half(self) -> None:
+        pair = _Pair()
+        pair.handshake()
+        pair.client_send(b"in two halves")
+        blob = pair._drain(pair.client)
+        pair.server.dataReceived(blob[:7])
+        self.assertEqual((pair.app.calls, pair.wire.disconnecting), ([], False))
+        pair.server.dataReceived(blob[7:])
+        self.assertEqual(pair.app.calls, [b"in two halves"])
 
 
 class WriteBatchingTests(TestCase):
@@ -361,7 +409,7 @@ class WriteBatchingTests(TestCase):
         pair = _Pair()
         pair.handshake()
         body = os.urandom(100_000)
-        pair.server._tlsConnection.send(body)
+        pair.server.getHandle().send(body)
         pair.server._flush_send_bio(0)
         self.assertGreater(len(pair.server._waiting), 1)
         self.assertEqual(pair.to_client(), body)
@@ -387,19 +435,23 @@ class WriteBatchingTests(TestCase):
 class TwistedInternalsTests(TestCase):
     """What the transport reads or sets inside Twisted's TCP transport and pyOpenSSL."""
 
-    def test_file_descriptor_queue_is_empty_exactly_when_nothing_waits(self) -> None:
+    def test_the_tcp_queue_length_counts_what_is_written_and_not_yet_sent(self) -> None:
         class Descriptor(abstract.FileDescriptor):
             def writeSomeData(self, data: bytes) -> int:
-                return len(data)
+                return 2  # the kernel takes two bytes per send
 
         fd = Descriptor(MemoryReactor())
         fd.connected = 1
-        self.assertEqual((fd._tempDataLen, fd.offset, len(fd.dataBuffer)), (0, 0, 0))
+        self.assertEqual(upstream.tcp_queue_length(fd), 0)
         fd.write(b"queued")
-        self.assertEqual(fd._tempDataLen, 6)
+        self.assertEqual(upstream.tcp_queue_length(fd), 6)
         fd.doWrite()
-        self.assertEqual(fd._tempDataLen, 0)
-        self.assertEqual(fd.offset, len(fd.dataBuffer))
+        self.assertEqual(upstream.tcp_queue_length(fd), 4)
+        fd.write(b"more")
+        self.assertEqual(upstream.tcp_queue_length(fd), 8)
+        for _ in range(4):
+            fd.doWrite()
+        self.assertEqual(upstream.tcp_queue_length(fd), 0)
 
     def test_tcp_reads_buffer_size_and_sends_at_most_send_limit(self) -> None:
         ours, theirs = socket.socketpair()
@@ -424,11 +476,18 @@ class TwistedInternalsTests(TestCase):
 
     def test_no_class_under_the_transport_forwards_unknown_attributes(self) -> None:
         # A __getattr__ anywhere in the MRO puts every attribute access on the
-        # slow generic path (see transport._without_attribute_forwarding).
+        # slow generic path (as Twisted's ProtocolWrapper has one).
         self.assertEqual(
             [c for c in transport.BulkTLSProtocol.__mro__ if "__getattr__" in vars(c)], []
         )
-        for interface in (ITransport, ISystemHandle, INegotiated, IProtocol):
+        for interface in (
+            ITransport,
+            ISSLTransport,
+            ISystemHandle,
+            INegotiated,
+            IProtocol,
+            IPushProducer,
+        ):
             self.assertTrue(interface.implementedBy(transport.BulkTLSProtocol), interface)
 
     def test_the_tcp_transports_methods_are_forwarded(self) -> None:
@@ -441,14 +500,6 @@ class TwistedInternalsTests(TestCase):
         pair.server.stopProducing()
         self.assertEqual(pair.wire.producerState, "stopped")
         self.assertTrue(IPushProducer.providedBy(pair.server))
-
-    def test_the_tls_methods_are_twisteds(self) -> None:
-        # The copy runs Twisted's own code, not a re-implementation.
-        for name in ("write", "loseConnection", "_shutdownTLS", "registerProducer"):
-            self.assertIs(
-                getattr(transport.BulkTLSProtocol, name), getattr(TLSMemoryBIOProtocol, name)
-            )
-        self.assertIs(transport.BulkTLSProtocol.getPeer, ProtocolWrapper.getPeer)
 
     def test_partial_write_constant_is_openssls(self) -> None:
         self.assertEqual(

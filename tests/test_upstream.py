@@ -76,3 +76,22 @@ class TwistedNamesTests(TestCase):
         self.assertEqual((info.source, info.destination, rest), (None, None, b""))
         with self.assertRaises(upstream.InvalidProxyHeader):
             upstream.ProxyV1Parser().feed(b"PROXY nonsense\r\n")
+
+
+class PyOpenSSLNamesTests(TestCase):
+    def test_a_memory_bio_connection_hands_out_its_ssl_pointer_and_both_bios(self) -> None:
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        ssl, into_ssl, from_ssl = upstream.ssl_pointers(connection)
+        for pointer in (ssl, into_ssl, from_ssl):
+            self.assertIsInstance(pointer, upstream.ffi.CData)
+        # The receive BIO holds what is written into it; SSL_pending and the
+        # send BIO's length are libssl's own answers.
+        self.assertEqual(upstream.libssl.BIO_write(into_ssl, b"12345", 5), 5)
+        self.assertEqual(upstream.libssl.BIO_get_mem_data(into_ssl, upstream.ffi.NULL), 5)
+        self.assertEqual(upstream.libssl.BIO_get_mem_data(from_ssl, upstream.ffi.NULL), 0)
+        self.assertEqual(upstream.libssl.SSL_pending(ssl), 0)
+        for name in ("SSL_read", "SSL_write", "BIO_read", "SSL_get_error"):
+            self.assertTrue(callable(getattr(upstream.libssl, name)), name)
+        self.assertEqual(upstream.libssl.SSL_ERROR_WANT_READ, 2)
