@@ -32,6 +32,10 @@ _RECV_GOAWAY = upstream.ConnectionInputs.RECV_GOAWAY
 _CLOSED = upstream.ConnectionState.CLOSED
 _OUR_RESET = upstream.StreamClosedBy.SEND_RST_STREAM
 _THEIR_RESET = upstream.StreamClosedBy.RECV_RST_STREAM
+#: How a stream closed by RST_STREAM or by END_STREAM says so (h2's own
+#: _stream_is_closed_by_reset and _stream_is_closed_by_end ask the same).
+_BY_RESET = (_THEIR_RESET, _OUR_RESET)
+_BY_END = (upstream.StreamClosedBy.RECV_END_STREAM, upstream.StreamClosedBy.SEND_END_STREAM)
 _SETTINGS, _ACK = 0x4, 0x1
 
 
@@ -173,7 +177,7 @@ class ServerMachine(_H2Machine):
                 # Ours: we reset it before this frame came; what the client
                 # sent meanwhile is ignored (RFC 9113 section 5.1).
                 events = []
-            elif self._stream_is_closed_by_reset(e.stream_id):
+            elif upstream.stream_closed_by(self, e.stream_id) in _BY_RESET:
                 f = RstStreamFrame(e.stream_id)
                 f.error_code = e.error_code
                 self._prepare_for_sending([f])
@@ -198,7 +202,7 @@ class ServerMachine(_H2Machine):
                 f.error_code = ErrorCodes.STREAM_CLOSED
                 self._prepare_for_sending([f])
                 events = []
-            elif self._stream_is_closed_by_end(e.stream_id):
+            elif closed_by in _BY_END:
                 # Closed by END_STREAM is a connection error.
                 raise StreamClosedError(e.stream_id) from e
             else:
