@@ -531,6 +531,9 @@ class EchoH2Connection(Protocol, TimeoutMixin):
         self._batching = False
         self._paused = False
         self._closing = True
+        # From here only the abort timer counts.
+        self._cancel_header_deadline()
+        self.setTimeout(None)
         self._flush()
         transport: Any = self.transport
         if transport is None or not self._open:

@@ -592,6 +592,20 @@ class OneWritePerReadTests(TestCase):
         self.assertIn(sid, exchange.ended())
         self.assertFalse([c for c in exchange.clock.getDelayedCalls() if c.active()])
 
+    def test_an_idle_connection_gets_goaway_then_is_aborted_if_it_stays(self) -> None:
+        exchange = H2Exchange(timeout=5.0)
+        self.addCleanup(exchange.close)
+        exchange.server.setTimeout(5.0)
+        exchange.clock.advance(5)
+        self.assertTrue(exchange.transport.disconnecting)
+        self.assertFalse(exchange.transport.disconnected)
+        exchange.receive()
+        terminated = [e for e in exchange.events if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual([e.error_code for e in terminated], [h2.errors.ErrorCodes.NO_ERROR])
+        # The client never closes its side: the connection is aborted.
+        exchange.clock.advance(15)
+        self.assertTrue(exchange.transport.disconnected)
+
     def test_a_streams_transport_is_its_connections(self) -> None:
         """What the access line asks for the client certificate (echotwist.mtls)."""
         exchange = self.exchange()
