@@ -26,7 +26,8 @@ data waiting take turns (round robin, L{QUANTUM} bytes each), the order RFC
 transport pushes back (C{pauseProducing}), nothing more is handed to h2, every
 stream's producer is paused, and what h2 had queued is kept (at most
 L{MAX_UNSENT} bytes, against a client that sends PINGs and never reads).
-No timer runs per frame or per stream.
+No timer runs per frame or per stream (only a pull producer, which this
+service's Resource never registers, is asked once a reactor turn).
 """
 
 from __future__ import annotations
