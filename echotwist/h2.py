@@ -19,7 +19,9 @@ the drain) the connection closes once its streams are done.
 Speed.  Everything one read produces - every stream's HEADERS and DATA,
 WINDOW_UPDATEs, resets - waits in h2's output buffer and leaves in one
 transport write when the read is done; a small response's one DATA frame
-carries END_STREAM (L{H2Stream.held}).  A body that does not fit its window
+carries END_STREAM (L{H2Stream.held}); only a large body leaves sooner, in
+writes of L{FLUSH_AT} bytes, so that the transport can push back before all of
+it is in memory.  A body that does not fit its window
 waits in its stream and goes when the client opens the window; streams with
 data waiting take turns (round robin, L{QUANTUM} bytes each), the order RFC
 9113 leaves to the server now that it deprecates priorities.  When the
