@@ -33,7 +33,6 @@ from OpenSSL import SSL, crypto
 from twisted.python import usage
 from twisted.web.http_headers import Headers
 
-from echotwist import upstream
 from echotwist.tokens import TokenChecker
 
 TOKEN, MTLS, BOTH = "token", "mtls", "both"
@@ -128,14 +127,11 @@ def _printable(text: str) -> str:
 
 
 def _tls_connection(request: Any) -> Any:
-    """The TLS transport a request came over (HTTP/1.1 or HTTP/2), or L{None}."""
-    transport = getattr(request, "transport", None)
-    if transport is None:
-        # An HTTP/2 stream has no transport of its own; its connection has.
-        channel = getattr(request, "channel", None)
-        connection = upstream.h2_stream_connection(channel) if channel is not None else None
-        transport = getattr(connection, "transport", None)
-    return transport
+    """
+    The TLS transport a request came over, or L{None}: under HTTP/2 too, since
+    a stream's transport is its connection's (L{echotwist.h2_stream.H2Stream}).
+    """
+    return getattr(request, "transport", None)
 
 
 def client_subject(request: Any) -> str | None:

@@ -413,7 +413,7 @@ class EchoRequest(server.Request):
     A Request that refuses as soon as the headers are in, and bounds how long
     its body may take.
 
-    Both channels (L{echotwist.http1} and Twisted's HTTP/2 stream) call
+    Both channels (L{echotwist.http1} and L{echotwist.h2_stream}) call
     C{parseCookies} once every header has arrived, before they look at
     C{Expect: 100-continue}; that is
     where the decision is taken.  A refused request never gets C{100 Continue}
@@ -489,12 +489,9 @@ class EchoRequest(server.Request):
         length = self._declared_length()
         self.early = self._echo.early_status(method, path, self.requestHeaders, length, self.client)
         if self.early is not None:
-            # Twisted answers Expect: 100-continue right after this call.
+            # The channel answers Expect: 100-continue after gotLength, unless
+            # it is gone (both channels call gotLength after this).
             self.requestHeaders.removeHeader(b"expect")
-            if not self._http1:
-                # HTTP/2 has already called gotLength: drop what it prepared.
-                self.content = _Discard()
-                self._release_memory()
             return
         self.accepted = True
         if length != 0:
@@ -556,8 +553,7 @@ class EchoRequest(server.Request):
         # A body usually ends in the read its head came in: the timer (a
         # callLater and a cancel per request under HTTP/2) is set only if it
         # has not once that read is done.  The deadline still counts from now.
-        connection = self.channel if self._http1 else getattr(self.channel, "_conn", None)
-        after_read = getattr(connection, "after_read", None)
+        after_read = getattr(self.channel, "after_read", None)
         if after_read is not None and after_read(self._arm_body_clock):
             return
         self._arm_body_clock()

@@ -66,13 +66,6 @@ def stream_closed_by(connection: Any, stream_id: int) -> Any:
 
 # -- Twisted -----------------------------------------------------------------
 
-#: An HTTP/2 stream's connection (twisted.web._http2.H2Stream, private): a
-#: stream has no transport of its own (C{transport = None}), and the access
-#: line asks the connection's TLS transport for the client's certificate
-#: (L{echotwist.mtls}).
-H2_STREAM_CONNECTION = "_conn"
-
-
 #: Twisted's PROXY protocol parsers (twisted.protocols.haproxy, private
 #: modules; the public API is only C{proxyEndpoint}, a wrapper between TCP and
 #: TLS that stays for the whole connection).  L{echotwist.proxy} reads the
@@ -82,11 +75,6 @@ H2_STREAM_CONNECTION = "_conn"
 ProxyV1Parser = _v1parser.V1Parser
 ProxyV2Parser = _v2parser.V2Parser
 InvalidProxyHeader = _haproxy_exceptions.InvalidProxyHeader
-
-
-def h2_stream_connection(stream: Any) -> Any:
-    """The L{H2Connection} an HTTP/2 stream belongs to, or L{None} for anything else."""
-    return getattr(stream, H2_STREAM_CONNECTION, None)
 
 
 # -- pyOpenSSL ---------------------------------------------------------------

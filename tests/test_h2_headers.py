@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from echotwist.h2_headers import (
+    SECURE_HEADERS,
     CheckedStream,
     CompressionError,
     RepeatingDecoder,
@@ -245,6 +246,12 @@ class NormalizedOutboundTests(TestCase):
         theirs = list(normalize_outbound_headers(list(headers), None, split))
         self.assertEqual(ours, theirs)
         self.assertEqual([type(h) for h in ours], [type(h) for h in theirs])
+
+    def test_the_credentials_are_h2s(self) -> None:
+        """The copy of h2's private list of fields it never indexes is still h2's."""
+        import h2.utilities
+
+        self.assertEqual(SECURE_HEADERS, h2.utilities._SECURE_HEADERS)
 
 
 blocks = st.lists(

@@ -1,12 +1,12 @@
 """
 How L{echotwist.h2} sends responses: what one read produces leaves in one
 write, a small response's DATA frame carries END_STREAM, and everything that
-cannot go at once (large bodies, a transport pushing back) still goes through
-Twisted's own queue.  In memory: an L{EchoH2Connection} over a
-L{StringTransport}, driven by an h2 client state machine.
+cannot go at once (large bodies, a spent window, a transport pushing back)
+waits in its stream and goes when it can.  In memory: an L{EchoH2Connection}
+over a L{StringTransport}, driven by an h2 client state machine.
 
-The last tests pin the private parts of Twisted and h2 that the module
-relies on or copies, so that an upgrade that changes them fails here.
+The last test pins the h2 method that L{echotwist.h2_machine} copies, so that
+an upgrade that changes it fails here.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
-import priority
 from hyperframe.frame import DataFrame, Frame
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
-from twisted.web import _http2
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
-from echotwist.h2 import EchoH2Connection, _LazyPriorityTree, _ServerMachine
+from echotwist.h2 import EchoH2Connection
+from echotwist.h2_machine import ServerMachine
 from tests.support import make_site
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -71,18 +74,87 @@ def echo_headers(token: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
+class PushBackTransport(CountingTransport):
+    """
+    A transport that, as TCP's does, pauses its producer once more than
+    C{limit} bytes wait unread, and resumes it when they are read.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.paused = False
+        super().__init__()
+        self.limit = limit
+        self.pauses = 0
+        self.most_unread = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        unread = len(self.value())
+        self.most_unread = max(self.most_unread, unread)
+        if unread > self.limit and not self.paused and self.producer is not None:
+            self.paused = True
+            self.pauses += 1
+            self.producer.pauseProducing()
+
+    def clear(self) -> None:
+        super().clear()
+        if self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+
+@implementer(IPullProducer)
+class _ThreePieces:
+    """A pull producer (as twisted.web's static files use): one piece per ask."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.sent = 0
+
+    def resumeProducing(self) -> None:
+        self.request.write(b"piece %d;" % self.sent)
+        self.sent += 1
+        if self.sent == 3:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _PullResource(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> int:
+        request.registerProducer(_ThreePieces(request), False)
+        return NOT_DONE_YET
+
+
+def pull_site(clock: MemoryReactorClock) -> Site:
+    """A plain twisted.web Site whose one resource answers through a pull producer."""
+    site = Site(_PullResource(), reactor=clock)
+    site.timeOut = None
+    return site
+
+
 class H2Exchange:
     """A server connection and a client state machine, joined in memory."""
 
-    def __init__(self, **site_args: Any) -> None:
+    def __init__(
+        self,
+        transport: CountingTransport | None = None,
+        site_for: Any = None,
+        **site_args: Any,
+    ) -> None:
         self.clock = MemoryReactorClock()
-        site = make_site(TOKEN, clock=self.clock, **site_args)
-        self.server = EchoH2Connection(self.clock)
-        self.server.site = site
-        self.server.factory = site
-        self.server.requestFactory = site.requestFactory
-        self.server.callLater = self.clock.callLater
-        self.transport = CountingTransport()
+        if site_for is None:
+            site = make_site(TOKEN, clock=self.clock, **site_args)
+        else:
+            site = site_for(self.clock)
+        self.server = EchoH2Connection.for_site(site)
+        # No idle timer among the clocks these tests count (as before).
+        self.server.timeOut = None
+        self.transport = transport or CountingTransport()
         self.server.makeConnection(self.transport)
         self.client = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -107,6 +179,31 @@ class H2Exchange:
         chunks = [body[i : i + 16384] for i in range(0, len(body), 16384)] or [b""]
         for i, chunk in enumerate(chunks):
             self.client.send_data(sid, chunk, end_stream=end and i == len(chunks) - 1)
+
+    def upload(self, sid: int, body: bytes, end: bool = True) -> None:
+        """Send a body as fast as the server's flow-control windows let the client."""
+        view, sent = memoryview(body), 0
+        for _ in range(10_000):
+            if sent == len(body):
+                break
+            window = self.client.local_flow_control_window(sid)
+            n = min(window, self.client.max_outbound_frame_size, len(body) - sent)
+            if n:
+                self.client.send_data(sid, bytes(view[sent : sent + n]))
+                sent += n
+            else:
+                self.send()
+                self.receive()
+        if end:
+            self.client.end_stream(sid)
+        self.send()
+
+    def open_windows(self) -> None:
+        """Let the server send as much as it likes (the largest windows there are)."""
+        self.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        self.client.increment_flow_control_window(2**31 - 1 - 65535)
+        self.send()
+        self.receive()
 
     def send(self) -> None:
         """Hand what the client has prepared to the server, as one read."""
@@ -225,7 +322,7 @@ class OneWritePerReadTests(TestCase):
         self.assertEqual((exchange.statuses()[sid], exchange.bodies().get(sid, b"")), (b"200", b""))
         self.assertIn(sid, exchange.ended())
 
-    def test_a_body_larger_than_a_frame_goes_through_twisteds_queue(self) -> None:
+    def test_a_body_larger_than_a_frame_is_sent_in_several_frames(self) -> None:
         exchange = self.exchange()
         body = bytes(range(256)) * 160  # 40 KiB: three frames of at most 16 KiB
         sid = exchange.request(body)
@@ -278,7 +375,8 @@ class OneWritePerReadTests(TestCase):
         turns(exchange.clock, 3)
         due = [c for c in exchange.clock.calls if c.getTime() <= exchange.clock.seconds()]
         self.assertEqual(due, [])
-        self.assertIsNotNone(exchange.server._sendingDeferred)
+        self.assertEqual(len(exchange.bodies()[sid]), 100)
+        self.assertNotIn(sid, exchange.ended())
         exchange.client.increment_flow_control_window(10_000, stream_id=sid)
         exchange.send()
         turns(exchange.clock, 5)
@@ -315,7 +413,7 @@ class OneWritePerReadTests(TestCase):
         exchange.receive()
         self.assertIn(sids[1], exchange.ended())
 
-    def test_a_paused_transport_makes_responses_wait_in_twisteds_queue(self) -> None:
+    def test_a_paused_transport_makes_responses_wait_until_it_resumes(self) -> None:
         exchange = self.exchange()
         exchange.server.pauseProducing()
         sid = exchange.request(b"later")
@@ -378,81 +476,143 @@ class OneWritePerReadTests(TestCase):
         self.assertEqual(exchange.bodies(), {first: b"a", second: b"b" * 20_000})
         self.assertEqual(exchange.ended(), {first, second})
 
-
-class LazyPriorityTreeTests(TestCase):
-    """The lazy tree schedules as the real one would, and keeps its guards."""
-
-    def both(self, *operations: tuple[str, tuple[Any, ...]]) -> tuple[Any, Any]:
-        lazy, real = _LazyPriorityTree(), priority.PriorityTree()
-        for name, args in operations:
-            getattr(lazy, name)(*args)
-            getattr(real, name)(*args)
-        return lazy, real
-
-    def schedule(self, tree: Any, n: int = 12) -> list[int]:
-        return [next(tree) for _ in range(n)]
-
-    def test_default_streams_stay_out_of_the_tree_until_unblocked(self) -> None:
-        lazy, _ = self.both(("insert_stream", (1,)), ("block", (1,)))
-        self.assertRaises(priority.DeadlockError, next, lazy)
-        self.assertEqual(lazy._waiting, {1})
-        lazy.unblock(1)
-        self.assertEqual((lazy._waiting, next(lazy)), (set(), 1))
-
-    def test_removing_a_waiting_stream_touches_nothing(self) -> None:
-        lazy, _ = self.both(("insert_stream", (1,)), ("block", (1,)))
-        lazy.remove_stream(1)
-        self.assertEqual(lazy._waiting, set())
-        self.assertRaises(priority.MissingStreamError, lazy.remove_stream, 1)
-
-    def test_duplicates_are_refused_waiting_or_placed(self) -> None:
-        lazy, _ = self.both(("insert_stream", (1,)), ("insert_stream", (3, 1, 20)))
-        self.assertRaises(priority.DuplicateStreamError, lazy.insert_stream, 1)
-        self.assertRaises(priority.DuplicateStreamError, lazy.insert_stream, 3)
-
-    def test_weights_and_dependencies_schedule_as_the_real_tree(self) -> None:
-        lazy, real = self.both(
-            ("insert_stream", (1,)),
-            ("insert_stream", (3,)),
-            ("insert_stream", (5, 0, 64)),
-            ("block", (1,)),
-            ("block", (3,)),
-            ("unblock", (3,)),
-            ("unblock", (5,)),
-            ("reprioritize", (1, 3, 200)),
-            ("unblock", (1,)),
+    def test_a_streamed_body_pauses_its_producer_while_the_transport_pushes_back(self) -> None:
+        """
+        A body too large to echo from memory is streamed by a producer; when
+        the transport's buffer is full the producer must wait, not pour the
+        whole body into memory.
+        """
+        transport = PushBackTransport(limit=64 * 1024)
+        exchange = H2Exchange(transport)
+        self.addCleanup(exchange.close)
+        exchange.open_windows()
+        body = bytes(range(256)) * (6 * 1024)  # 1.5 MiB: streamed from its spool
+        sid = exchange.client.get_next_available_stream_id()
+        exchange.client.send_headers(
+            sid, [*echo_headers(TOKEN), (b"content-length", b"%d" % len(body))]
         )
-        self.assertEqual(self.schedule(lazy), self.schedule(real))
+        exchange.upload(sid, body)
+        self.assertTrue(transport.paused)
+        self.assertLess(transport.most_unread, len(body) // 2)
+        # Nor is the body waiting in the stream: its producer has stopped.
+        (stream,) = exchange.server.streams.values()
+        self.assertLessEqual(sum(map(len, stream.pending)), 256 * 1024)
+        for _ in range(200):
+            if sid in exchange.ended():
+                break
+            exchange.receive()  # reads everything: the transport resumes us
+            exchange.send()
+        self.assertEqual(exchange.bodies()[sid], body)
+        self.assertIn(sid, exchange.ended())
+        self.assertGreater(transport.pauses, 2)
+        self.assertLess(transport.most_unread, len(body) // 2)
 
-    def test_an_exclusive_dependency_adopts_waiting_streams(self) -> None:
-        lazy, real = self.both(
-            ("insert_stream", (1,)),
-            ("insert_stream", (3,)),
-            ("insert_stream", (5, 0, 16, True)),
-            ("unblock", (1,)),
-            ("unblock", (3,)),
-            ("unblock", (5,)),
+    def test_streams_waiting_for_the_connection_window_take_turns(self) -> None:
+        exchange = self.exchange()
+        exchange.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        exchange.send()
+        exchange.receive()
+        body = b"t" * 200_000
+        sids = []
+        for _ in range(2):
+            sid = exchange.client.get_next_available_stream_id()
+            exchange.client.send_headers(
+                sid, [*echo_headers(TOKEN), (b"content-length", b"%d" % len(body))]
+            )
+            exchange.upload(sid, body, end=False)
+            sids.append(sid)
+        for sid in sids:
+            exchange.client.end_stream(sid)
+        exchange.send()  # both answered in one read: the first takes the 65,535
+
+        def received() -> dict[int, int]:
+            events = exchange.client.receive_data(exchange.transport.value())
+            exchange.transport.clear()
+            got = dict.fromkeys(sids, 0)
+            for event in events:
+                if isinstance(event, h2.events.DataReceived):
+                    got[event.stream_id] += len(event.data)
+            return got
+
+        self.assertEqual(received(), {sids[0]: 65_535, sids[1]: 0})
+        exchange.client.increment_flow_control_window(2 * 65_536)
+        exchange.send()
+        self.assertEqual(received(), {sids[0]: 65_536, sids[1]: 65_536})
+
+    def test_a_burst_of_client_resets_ends_the_connection(self) -> None:
+        """HTTP/2 Rapid Reset (CVE-2023-44487): 1000 resets at once are allowed, not more."""
+        exchange = self.exchange()
+
+        def open_and_reset(n: int) -> None:
+            for _ in range(n):
+                sid = exchange.request(b"", end=False)
+                exchange.client.reset_stream(sid)
+            exchange.send()
+
+        open_and_reset(1000)
+        self.assertFalse(exchange.transport.disconnecting)
+        open_and_reset(1)
+        self.assertTrue(exchange.transport.disconnecting)
+        exchange.receive()
+        terminated = [e for e in exchange.events if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual(
+            [e.error_code for e in terminated], [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
         )
-        # Stream 5 is now the parent of 1 and 3: only it is scheduled.
-        self.assertEqual(self.schedule(lazy, 4), [5, 5, 5, 5])
-        self.assertEqual(self.schedule(lazy), self.schedule(real))
 
-    def test_a_stream_depending_on_a_waiting_one_places_it(self) -> None:
-        lazy, real = self.both(
-            ("insert_stream", (1,)),
-            ("insert_stream", (3, 1)),
-            ("unblock", (3,)),
+    def test_a_client_that_never_reads_while_pinging_is_aborted(self) -> None:
+        exchange = self.exchange()
+        exchange.server.pauseProducing()
+        for i in range(100):
+            exchange.client.ping(b"%08d" % i)
+        exchange.send()
+        self.assertFalse(exchange.transport.disconnecting)
+        for i in range(5000):
+            exchange.client.ping(b"%08d" % i)
+        exchange.send()
+        self.assertTrue(exchange.transport.disconnected)
+
+    def test_a_pull_producer_is_asked_once_a_turn_until_it_is_done(self) -> None:
+        exchange = H2Exchange(site_for=pull_site)
+        self.addCleanup(exchange.close)
+        sid = exchange.client.get_next_available_stream_id()
+        exchange.client.send_headers(
+            sid,
+            [
+                (b":method", b"GET"),
+                (b":path", b"/"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+            ],
+            end_stream=True,
         )
-        self.assertEqual(self.schedule(lazy, 3), [3, 3, 3])
-        lazy.unblock(1)
-        real.unblock(1)
-        self.assertEqual(self.schedule(lazy), self.schedule(real))
+        exchange.send()
+        turns(exchange.clock, 10)
+        exchange.receive()
+        self.assertEqual(exchange.bodies()[sid], b"piece 0;piece 1;piece 2;")
+        self.assertIn(sid, exchange.ended())
+        self.assertFalse([c for c in exchange.clock.getDelayedCalls() if c.active()])
 
-    def test_too_many_waiting_streams_are_refused(self) -> None:
-        lazy = _LazyPriorityTree(maximum_streams=3)
-        for sid in (1, 3, 5):
-            lazy.insert_stream(sid)
-        self.assertRaises(priority.TooManyStreamsError, lazy.insert_stream, 7)
+    def test_an_idle_connection_gets_goaway_then_is_aborted_if_it_stays(self) -> None:
+        exchange = H2Exchange(timeout=5.0)
+        self.addCleanup(exchange.close)
+        exchange.server.setTimeout(5.0)
+        exchange.clock.advance(5)
+        self.assertTrue(exchange.transport.disconnecting)
+        self.assertFalse(exchange.transport.disconnected)
+        exchange.receive()
+        terminated = [e for e in exchange.events if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual([e.error_code for e in terminated], [h2.errors.ErrorCodes.NO_ERROR])
+        # The client never closes its side: the connection is aborted.
+        exchange.clock.advance(15)
+        self.assertTrue(exchange.transport.disconnected)
+
+    def test_a_streams_transport_is_its_connections(self) -> None:
+        """What the access line asks for the client certificate (echotwist.mtls)."""
+        exchange = self.exchange()
+        exchange.request(b"x", end=False)
+        exchange.send()
+        (stream,) = exchange.server.streams.values()
+        self.assertIs(stream.request.transport, exchange.transport)
 
 
 def _body(function: Any) -> list[ast.stmt]:
@@ -469,7 +629,7 @@ def _dump(statements: list[ast.stmt]) -> list[str]:
 
 
 class PinnedInternalsTests(TestCase):
-    """What echotwist.h2 copies from or relies on in Twisted and h2."""
+    """What echotwist.h2_machine copies from h2."""
 
     def test_receive_frame_was_written_from_this_h2_method(self) -> None:
         # Ours is h2's (4.4.1) less the trace log call, plus the RFC 9113
@@ -483,37 +643,5 @@ class PinnedInternalsTests(TestCase):
         self.assertEqual(len(theirs), len(_body(h2.connection.H2Connection._receive_frame)) - 1)
         digest = hashlib.sha256(repr(_dump(theirs)).encode()).hexdigest()
         self.assertEqual(digest, "29c0899a744c536067ef29e32c1437fae84cee1c8bb7a454b39f3d44e63bc2ff")
-        ours = ast.unparse(ast.Module(body=_body(_ServerMachine._receive_frame), type_ignores=[]))
+        ours = ast.unparse(ast.Module(body=_body(ServerMachine._receive_frame), type_ignores=[]))
         self.assertIn("self._frame_dispatch_table[frame.__class__](frame)", ours)
-
-    def test_twisted_uses_only_the_priority_calls_the_lazy_tree_has(self) -> None:
-        source = inspect.getsource(_http2.H2Connection)
-        tree = ast.parse(textwrap.dedent(source))
-        used = {
-            node.attr
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Attribute)
-            and node.value.attr == "priority"
-        }
-        self.assertTrue(used)
-        for name in used:
-            self.assertTrue(hasattr(_LazyPriorityTree, name), name)
-        self.assertIn("next(self.priority)", source)
-        self.assertIn("self.priority = priority.PriorityTree()", source)
-
-    def test_twisted_sends_through_the_methods_we_take_over(self) -> None:
-        stream = inspect.getsource(_http2.H2Stream)
-        self.assertIn("self._conn.writeDataToStream(self.streamID, data)", stream)
-        self.assertIn("self._conn.endRequest(self.streamID)", stream)
-        connection = inspect.getsource(_http2.H2Connection)
-        for attribute in (
-            "self._outboundStreamQueues",
-            "self._consumerBlocked",
-            "self._bufferedControlFrames",
-            "self._stillProducing",
-            "self._tryToWriteControlData()",
-            "self._requestDone(stream)",
-            "self.conn = h2.connection.H2Connection(config=config)",
-        ):
-            self.assertIn(attribute, connection)

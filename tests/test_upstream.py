@@ -77,19 +77,6 @@ class TwistedNamesTests(TestCase):
         with self.assertRaises(upstream.InvalidProxyHeader):
             upstream.ProxyV1Parser().feed(b"PROXY nonsense\r\n")
 
-    def test_an_h2_stream_knows_its_connection(self) -> None:
-        from twisted.internet.testing import StringTransport
-        from twisted.web._http2 import H2Connection, H2Stream
-        from twisted.web.resource import Resource
-        from twisted.web.server import Request, Site
-
-        connection = H2Connection()
-        connection.makeConnection(StringTransport())
-        stream = H2Stream(1, connection, [], Request, Site(Resource()), None)
-        self.assertIs(upstream.h2_stream_connection(stream), connection)
-        self.assertIsNone(stream.transport)
-        self.assertIsNone(upstream.h2_stream_connection(object()))
-
 
 class PyOpenSSLNamesTests(TestCase):
     def test_a_memory_bio_connection_hands_out_its_ssl_pointer_and_both_bios(self) -> None:
