@@ -153,6 +153,7 @@ class HTTP11Channel:
         "_after_read",
         "_body_left",
         "_bytes_seen",
+        "_chunk_tail",
         "_clock",
         "_closed",
         "_handing_over",
@@ -218,6 +219,8 @@ class HTTP11Channel:
         self._bytes_seen = 0
         #: llhttp has the current request's whole head (it is in its body).
         self._head_done = False
+        #: The last bytes (up to 3) fed of a chunked body (L{_chunked_cut}).
+        self._chunk_tail = b""
         #: Body bytes still to come of the current request, when declared.
         self._body_left: int | None = None
         #: Of the head being read: the current line's bytes so far, the lines
@@ -432,14 +435,31 @@ class HTTP11Channel:
                 cut = min(size, pos + self._body_left)
                 feed(view[pos:cut])
             else:
-                # A chunked body ends with an empty line: cut there, so that
-                # the next head starts a piece of its own.  (Any cut is right
-                # for llhttp, which keeps its state; this branch always moves
-                # on, whatever the framing turns out to be.)
-                end = data.find(b"\r\n\r\n", pos)
-                cut = size if end < 0 else end + 4
+                cut = self._chunked_cut(data, pos)
                 feed(view[pos:cut])
             pos = cut
+
+    def _chunked_cut(self, data: bytes, pos: int) -> int:
+        """
+        Where to cut C{data[pos:]}, in a chunked body, so that the piece ends
+        no later than the body: at the first CRLF CRLF (a chunked body always
+        ends with one), counting the last bytes fed before, since that CRLF
+        CRLF may have begun in an earlier read.  A cut too early is harmless
+        (llhttp keeps its state, and the next piece goes on in the body); a
+        cut too late would hand the next head to llhttp unmeasured.
+        """
+        tail = self._chunk_tail
+        end = -1
+        if tail:
+            joined = tail + data[pos : pos + 3]
+            found = joined.find(b"\r\n\r\n")
+            if found >= 0:
+                end = pos + found + 4 - len(tail)
+        if end < 0:
+            found = data.find(b"\r\n\r\n", pos)
+            end = len(data) if found < 0 else found + 4
+        self._chunk_tail = (tail + data[pos:end])[-3:] if end - pos < 3 else data[end - 3 : end]
+        return end
 
     def _head_cut(self, data: bytes, pos: int) -> tuple[int, str | None]:
         """
@@ -520,6 +540,7 @@ class HTTP11Channel:
             raise _RefusalError(http.HTTP_VERSION_NOT_SUPPORTED, "unsupported HTTP version")
         message.version = version
         self._head_done = True
+        self._chunk_tail = b""
         if parser.should_upgrade():
             # llhttp would read everything after this head as the new
             # protocol; HTTP/2 is offered by ALPN instead, and nothing else is.

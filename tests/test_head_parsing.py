@@ -154,3 +154,39 @@ class WholeHeadTests(TestCase):
         whole = answer(pipelined, len(pipelined))
         self.assertEqual(whole, answer(pipelined, 1))
         self.assertEqual(whole, answer(pipelined, 7))
+
+
+class ChunkedEndTests(TestCase):
+    """
+    The end of a chunked body split over two reads: the head after it is
+    still judged by the head limits (found by tests/test_http1_spec.py: the
+    cut for the body's end was looked for in the second read alone, found
+    the end of the next head instead, and that head reached llhttp unmeasured).
+    """
+
+    first = (
+        b"POST /echo HTTP/1.1\r\nToken: " + TOKEN.encode() + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n1\r\n\x00\r\n0\r\n\r\n"
+    )
+    second = b"POST /echo HTTP/1.1\r\nToken: " + TOKEN.encode() + b"\r\nX-Long: " + b"a" * 9000
+    second += b"\r\nContent-Length: 0\r\n\r\n"
+
+    def _answer_split_at(self, split: int) -> bytes:
+        pipelined = self.first + self.second
+        server = InMemoryHTTP(TOKEN)
+        try:
+            out = server.feed(pipelined[:split])
+            out += server.feed(pipelined[split:])
+            server.clock.advance(30)
+            out += server.transport.value()
+        finally:
+            server.close()
+        return _DATE.sub(b"", out)
+
+    def test_a_long_header_line_after_a_split_chunked_end_is_refused(self) -> None:
+        whole = answer(self.first + self.second, len(self.first + self.second))
+        self.assertIn(b" 431 ", whole)
+        # Every split inside the body's final CRLF CRLF, and just after it.
+        end = len(self.first)
+        for split in range(end - 4, end + 1):
+            self.assertEqual(self._answer_split_at(split), whole, split)
