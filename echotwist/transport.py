@@ -421,7 +421,7 @@ class BulkTLSProtocol(Protocol):
         the error state after every successful write, where only a failed one
         (C{SSL_write} returning 0 or less) has an error to raise.
         """
-        if self._tls_lost:
+        if self._tls_lost or self._aborted:
             return
         ssl = self._ssl_pointer
         view = memoryview(data)
@@ -499,6 +499,8 @@ class BulkTLSProtocol(Protocol):
         @param data: a buffer (C{bytes} or a cffi buffer of ours): what waits
             or is queued is copied into C{bytes} first.
         """
+        if self._aborted:
+            return
         if len(data) < LARGE_WRITE:
             if not self._waiting:
                 self.factory.end_of_turn.add(self)
@@ -512,6 +514,8 @@ class BulkTLSProtocol(Protocol):
         Send C{data} if the TCP transport has nothing queued; queue what the
         kernel does not take (L{tcp_queue_length} reads the transport's queue).
         """
+        if self._aborted:
+            return
         t: Any = self.transport
         if t.connected and not t.disconnecting and not tcp_queue_length(t):
             sent = t.writeSomeData(data)
@@ -622,9 +626,17 @@ class BulkTLSProtocol(Protocol):
     loseWriteConnection = loseConnection
 
     def abortConnection(self) -> None:
-        """Drop the connection: nothing more is delivered or sent."""
+        """
+        Drop the connection: nothing more is delivered or sent, not even a
+        close_notify, which would tell the peer it had everything.  (Twisted's
+        TLS leaves its close_notify in the TCP transport's queue, which an
+        abort discards; here small writes wait for the end of the turn and
+        large ones go straight to the socket, so they are dropped here.)
+        """
         self._aborted = True
         self.disconnecting = True
+        self._waiting = []
+        self.factory.end_of_turn.discard(self)
         self._shutdown_tls()
         self.transport.abortConnection()
 
