@@ -89,6 +89,10 @@ WRITE_CHUNK = 256 * 1024
 RECORD_OVERHEAD = 64
 #: The largest TLS record's plaintext.
 MAX_RECORD = 16 * 1024
+#: Seconds the peer has, once our close_notify is out, to answer with its own
+#: or close TCP (Twisted's HTTP abortTimeout): then TCP is closed without it,
+#: as soon as the peer has read what was sent (it is aborted if it reads nothing).
+CLOSE_TIMEOUT = 15.0
 
 _log = Logger(namespace="echotwist.transport")
 
@@ -219,6 +223,10 @@ class BulkTLSProtocol(Protocol):
     _producer: Any = None
     #: Steps of the handshake taken so far; -1 once it is counted, or on a client.
     _handshake_steps = 0
+    #: The bound on the wait for the peer's close_notify (L{CLOSE_TIMEOUT}).
+    _close_call: IDelayedCall | None = None
+    #: What the TCP transport still held to send when the close timer was set.
+    _close_queued = 0
 
     def __init__(self, factory: BulkTLSFactory, wrapped: IProtocol) -> None:
         self.factory = factory
@@ -660,6 +668,38 @@ class BulkTLSProtocol(Protocol):
         self._flush_tls_output()
         if done:
             self.transport.loseConnection()
+        elif (
+            not self._aborted
+            and self._close_call is None
+            and self._tls.get_shutdown() & SSL.SENT_SHUTDOWN
+        ):
+            # Twisted's TLS waits for the peer's close_notify for ever: a
+            # client that reads our answer and then neither answers nor
+            # closes TCP would hold the connection (and its place under the
+            # connection cap) until the process ends.
+            self._close_queued = tcp_queue_length(self.transport)
+            self._close_call = self.factory.reactor_clock.callLater(
+                CLOSE_TIMEOUT, self._close_timed_out
+            )
+
+    def _close_timed_out(self) -> None:
+        """
+        The peer has not answered our close_notify in time: close TCP once it
+        has read what was sent; wait on while it reads; abort if it stopped.
+        """
+        self._close_call = None
+        if not self.connected:
+            return
+        queued = tcp_queue_length(self.transport)
+        if not queued:
+            self.transport.loseConnection()
+        elif queued < self._close_queued:
+            self._close_queued = queued
+            self._close_call = self.factory.reactor_clock.callLater(
+                CLOSE_TIMEOUT, self._close_timed_out
+            )
+        else:
+            self.transport.abortConnection()
 
     def _tls_failed(self, reason: Failure) -> None:
         """
@@ -696,6 +736,10 @@ class BulkTLSProtocol(Protocol):
         # Nothing is sent any more (the last read may have made an answer).
         self._waiting = []
         self.factory.end_of_turn.discard(self)
+        if self._close_call is not None:
+            if self._close_call.active():
+                self._close_call.cancel()
+            self._close_call = None
         self.wrappedProtocol.connectionLost(reason)
         # The TLS connection refers to us (its app data, the client's
         # verification callback): break the cycle.
@@ -856,15 +900,19 @@ class BulkTLSFactory(Factory):
         return f"{inner} (TLS)"
 
     @property
+    def reactor_clock(self) -> IReactorTime:
+        """L{clock}, or the global reactor."""
+        if self.clock is not None:
+            return self.clock
+        from twisted.internet import reactor
+
+        return cast(IReactorTime, reactor)
+
+    @property
     def end_of_turn(self) -> EndOfTurnSender:
         """Where this factory's connections leave small writes for the end of the turn."""
         if self._end_of_turn is None:
-            clock = self.clock
-            if clock is None:
-                from twisted.internet import reactor
-
-                clock = cast(IReactorTime, reactor)
-            self._end_of_turn = EndOfTurnSender(clock)
+            self._end_of_turn = EndOfTurnSender(self.reactor_clock)
         return self._end_of_turn
 
 

@@ -299,3 +299,124 @@ class HostnameMismatchTests(TestCase):
             if args[0] == "send":
                 self.assertEqual(len(err.splitlines()), 1, err)
         self.assertEqual(sum(COUNTS.requests.values()), requests_before)
+
+
+class _BioClient:
+    """
+    A stdlib TLS client over memory BIOs on a blocking socket, so that a test
+    decides exactly when a close_notify is read, answered or never answered.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_tls_context().wrap_bio(self._in, self._out, server_hostname="localhost")
+
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self.raw.sendall(data)
+
+    def _feed(self) -> None:
+        data = self.raw.recv(65536)
+        if not data:
+            raise EOFError("TCP closed before the TLS close")
+        self._in.write(data)
+
+    def handshake(self) -> None:
+        for _ in range(20):
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+            else:
+                self._flush()
+                return
+        raise AssertionError("no handshake")
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def read_until_close_notify(self) -> bytes:
+        """Everything until the server's close_notify (which is not answered)."""
+        got = b""
+        for _ in range(200):
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._feed()
+                continue
+            except ssl.SSLZeroReturnError:
+                return got
+            if not chunk:  # how SSLObject reports a close_notify
+                return got
+            got += chunk
+        raise AssertionError(f"no close_notify after {got!r}")
+
+    def answer_close_notify(self) -> None:
+        self.tls.unwrap()
+        self._flush()
+
+    def tcp_closed(self, limit: float) -> bool:
+        """Whether the server closes TCP within C{limit} seconds."""
+        self.raw.settimeout(limit)
+        try:
+            return self.raw.recv(65536) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+
+class CloseNotifyTests(TestCase):
+    async def _answered_then_closed(self, server: Any, extra: bytes = b"") -> _BioClient:
+        """
+        A client that asked once with C{Connection: close} (then sent
+        C{extra}) and read up to our close_notify.
+        """
+        client = _BioClient(server.port)
+        self.addCleanup(client.raw.close)
+        await deferToThread(client.handshake)
+        request = raw_request(b"first", server.token, extra=[b"Connection: close"])
+        await deferToThread(client.send, request + extra)
+        got = await deferToThread(client.read_until_close_notify)
+        self.assertEqual(got.count(b"HTTP/1.1 "), 1, got)
+        self.assertEqual(parse_response(got).body, b"first")
+        return client
+
+    async def test_a_client_that_never_answers_our_close_notify_is_closed_in_time(self) -> None:
+        """
+        Twisted's TLS waits for the peer's close_notify for ever, and nothing
+        above it bounds the wait after a C{Connection: close} answer: the
+        connection is closed L{transport.CLOSE_TIMEOUT} after ours went out.
+        """
+        self.patch(transport, "CLOSE_TIMEOUT", 0.5)
+        server = await start_server(self, timeout=60.0)
+        site: Any = server.site
+        client = await self._answered_then_closed(server)
+        self.assertTrue(await deferToThread(client.tcp_closed, 5.0))
+        await eventually(lambda: len(site.tracker) == 0, 5, "the connection to be gone")
+
+    async def test_more_data_then_the_clients_close_notify_ends_it_at_once(self) -> None:
+        """
+        A request pipelined behind a C{Connection: close} one races our
+        close_notify and is not answered; the client sends yet another
+        request after our close_notify, then its own: TCP closes at once
+        (the timer is far off), and the server goes on serving.
+        """
+        self.patch(transport, "CLOSE_TIMEOUT", 60.0)
+        server = await start_server(self)
+        pipelined = raw_request(b"second", server.token)
+        client = await self._answered_then_closed(server, extra=pipelined)
+        await deferToThread(client.send, raw_request(b"third", server.token))
+        await deferToThread(client.answer_close_notify)
+        self.assertTrue(await deferToThread(client.tcp_closed, 5.0))
+
+        def echo() -> bytes:
+            with tls_connect(server.port) as sock:
+                sock.sendall(raw_request(b"still serving", server.token))
+                return recv_response(sock)
+
+        self.assertEqual(parse_response(await deferToThread(echo)).body, b"still serving")
