@@ -725,8 +725,11 @@ class BulkTLSProtocol(Protocol):
             # connect-and-close probe, which sends nothing, is not counted.
             COUNTS.handshake_failed("closed")
         self._handshake_steps = -1
-        if not self._tls_lost and self._tls is not None:
+        if not self._tls_lost and self._tls is not None and not self._aborted:
             # What the BIO still holds may be whole records: they go up first.
+            # (Not after an abort: nothing is delivered then, and the read
+            # would meet the end of TCP as OpenSSL's "unexpected eof", the
+            # reason the wrapped protocol would get instead of the abort.)
             self._tls.bio_shutdown()
             self._read_records()
             self._tls_lost = True

@@ -10,6 +10,7 @@ has, where it has one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -23,9 +24,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from echotwist import certs, tls, tokens, transport, upstream
 from echotwist.metrics import COUNTS
@@ -76,6 +81,38 @@ class _AbortOnData(Protocol):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
+class _Reasons(Protocol):
+    """
+    Keeps why its connection was lost.  C{abort} in the first bytes: register
+    a streaming producer, abort, then write (a response still being produced).
+    """
+
+    def __init__(self, lost: list[Failure]) -> None:
+        self._lost = lost
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"abort"):
+            transport: Any = self.transport
+            transport.registerProducer(_Idle(), True)
+            transport.abortConnection()
+            transport.write(b"written after the abort")
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost.append(reason)
+
+
+@implementer(IPushProducer)
+class _Idle:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class AbortTests(TestCase):
     async def test_abort_sends_nothing_not_even_close_notify(self) -> None:
         """
@@ -103,6 +140,32 @@ class AbortTests(TestCase):
                     return got, "aborted"
 
         self.assertEqual(await deferToThread(exchange), (b"", "aborted"))
+
+    async def test_the_wrapped_protocol_is_told_how_the_connection_ended(self) -> None:
+        """
+        A close_notify is a clean close; TCP closed without one is a lost
+        connection (as Twisted squashes OpenSSL's "unexpected eof"); an abort
+        is an abort, even when the protocol writes after it.
+        """
+        lost: list[Failure] = []
+        port = await _listen(self, Factory.forProtocol(lambda: _Reasons(lost)))
+
+        def ended(how: str) -> None:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with client_tls_context().wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"abort" if how == "abort" else b"hello")
+                if how == "close_notify":
+                    sock.unwrap().close()
+                elif how == "abort":
+                    with contextlib.suppress(OSError, ssl.SSLError):
+                        while sock.recv(65536):
+                            pass
+
+        for count, how in enumerate(("close_notify", "tcp", "abort"), 1):
+            await deferToThread(ended, how)
+            await eventually(lambda n=count: len(lost) >= n, 5, f"the end by {how}")
+        expected = [ConnectionDone, ConnectionLost, ConnectionAborted]
+        self.assertEqual([f.type for f in lost], expected, [f.value for f in lost])
 
 
 class HandshakeEdgeTests(TestCase):
