@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import socket
 import ssl
 import subprocess
@@ -46,6 +47,7 @@ from tests.support import (
     run_client,
     scratch_dir,
     start_server,
+    start_twistd,
     tls_connect,
 )
 
@@ -483,3 +485,27 @@ class CloseNotifyTests(TestCase):
                 return recv_response(sock)
 
         self.assertEqual(parse_response(await deferToThread(echo)).body, b"still serving")
+
+
+class DrainTests(TestCase):
+    def test_sigterm_with_connections_mid_handshake_stops_at_once(self) -> None:
+        """
+        Connections that sent nothing, half a ClientHello, or a whole one
+        (and never finish) are closed by the drain at once: the real twistd
+        stops well inside its grace period, cutting none.
+        """
+        server = start_twistd(self, "--grace", "30")
+        hello = _client_hello()
+        sockets = []
+        for first in (b"", hello[: len(hello) // 2], hello):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(first)
+            sockets.append(sock)
+        time.sleep(0.3)  # let the server read them
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(15), -signal.SIGTERM)
+        self.assertLess(time.monotonic() - started, 5, "a handshake held up the stop")
+        server.wait_for(r"stopped: all connections closed \(0 cut\)")
+        self.assertIn("3 open connection(s)", server.text)
