@@ -197,8 +197,9 @@ class BulkTLSProtocol(Protocol):
     handshake is done waits (L{_held}); then records are decrypted as they
     come and writes encrypted as they are made.  C{loseConnection} sends
     close_notify once held writes and a streaming producer are done, and
-    closes TCP when the peer has answered with its own (or goes away);
-    C{abortConnection} drops everything.  The wrapped protocol's
+    closes TCP when the peer has answered with its own (or goes away, or
+    L{CLOSE_TIMEOUT} passes); C{abortConnection} drops everything, sending
+    nothing more.  The wrapped protocol's
     C{connectionLost} gets the TLS failure if there was one, else TCP's
     reason.
 
@@ -617,7 +618,8 @@ class BulkTLSProtocol(Protocol):
     def loseConnection(self) -> None:
         """
         Send close_notify once what is held and the producer are done; TCP
-        is closed when the peer answers with its own close_notify or goes.
+        is closed when the peer answers with its own close_notify or goes,
+        or at the latest L{CLOSE_TIMEOUT} after ours.
         During the handshake there is nothing to shut down: the connection
         is aborted (OpenSSL would wait for the handshake to end first).
         """
