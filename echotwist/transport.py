@@ -89,6 +89,10 @@ WRITE_CHUNK = 256 * 1024
 RECORD_OVERHEAD = 64
 #: The largest TLS record's plaintext.
 MAX_RECORD = 16 * 1024
+#: Seconds the peer has, once our close_notify is out, to answer with its own
+#: or close TCP (Twisted's HTTP abortTimeout): then TCP is closed without it,
+#: as soon as the peer has read what was sent (it is aborted if it reads nothing).
+CLOSE_TIMEOUT = 15.0
 
 _log = Logger(namespace="echotwist.transport")
 
@@ -193,8 +197,9 @@ class BulkTLSProtocol(Protocol):
     handshake is done waits (L{_held}); then records are decrypted as they
     come and writes encrypted as they are made.  C{loseConnection} sends
     close_notify once held writes and a streaming producer are done, and
-    closes TCP when the peer has answered with its own (or goes away);
-    C{abortConnection} drops everything.  The wrapped protocol's
+    closes TCP when the peer has answered with its own (or goes away, or
+    L{CLOSE_TIMEOUT} passes); C{abortConnection} drops everything, sending
+    nothing more.  The wrapped protocol's
     C{connectionLost} gets the TLS failure if there was one, else TCP's
     reason.
 
@@ -219,6 +224,10 @@ class BulkTLSProtocol(Protocol):
     _producer: Any = None
     #: Steps of the handshake taken so far; -1 once it is counted, or on a client.
     _handshake_steps = 0
+    #: The bound on the wait for the peer's close_notify (L{CLOSE_TIMEOUT}).
+    _close_call: IDelayedCall | None = None
+    #: What the TCP transport still held to send when the close timer was set.
+    _close_queued = 0
 
     def __init__(self, factory: BulkTLSFactory, wrapped: IProtocol) -> None:
         self.factory = factory
@@ -421,7 +430,7 @@ class BulkTLSProtocol(Protocol):
         the error state after every successful write, where only a failed one
         (C{SSL_write} returning 0 or less) has an error to raise.
         """
-        if self._tls_lost:
+        if self._tls_lost or self._aborted:
             return
         ssl = self._ssl_pointer
         view = memoryview(data)
@@ -499,6 +508,8 @@ class BulkTLSProtocol(Protocol):
         @param data: a buffer (C{bytes} or a cffi buffer of ours): what waits
             or is queued is copied into C{bytes} first.
         """
+        if self._aborted:
+            return
         if len(data) < LARGE_WRITE:
             if not self._waiting:
                 self.factory.end_of_turn.add(self)
@@ -512,6 +523,8 @@ class BulkTLSProtocol(Protocol):
         Send C{data} if the TCP transport has nothing queued; queue what the
         kernel does not take (L{tcp_queue_length} reads the transport's queue).
         """
+        if self._aborted:
+            return
         t: Any = self.transport
         if t.connected and not t.disconnecting and not tcp_queue_length(t):
             sent = t.writeSomeData(data)
@@ -605,7 +618,8 @@ class BulkTLSProtocol(Protocol):
     def loseConnection(self) -> None:
         """
         Send close_notify once what is held and the producer are done; TCP
-        is closed when the peer answers with its own close_notify or goes.
+        is closed when the peer answers with its own close_notify or goes,
+        or at the latest L{CLOSE_TIMEOUT} after ours.
         During the handshake there is nothing to shut down: the connection
         is aborted (OpenSSL would wait for the handshake to end first).
         """
@@ -622,9 +636,17 @@ class BulkTLSProtocol(Protocol):
     loseWriteConnection = loseConnection
 
     def abortConnection(self) -> None:
-        """Drop the connection: nothing more is delivered or sent."""
+        """
+        Drop the connection: nothing more is delivered or sent, not even a
+        close_notify, which would tell the peer it had everything.  (Twisted's
+        TLS leaves its close_notify in the TCP transport's queue, which an
+        abort discards; here small writes wait for the end of the turn and
+        large ones go straight to the socket, so they are dropped here.)
+        """
         self._aborted = True
         self.disconnecting = True
+        self._waiting = []
+        self.factory.end_of_turn.discard(self)
         self._shutdown_tls()
         self.transport.abortConnection()
 
@@ -648,6 +670,38 @@ class BulkTLSProtocol(Protocol):
         self._flush_tls_output()
         if done:
             self.transport.loseConnection()
+        elif (
+            not self._aborted
+            and self._close_call is None
+            and self._tls.get_shutdown() & SSL.SENT_SHUTDOWN
+        ):
+            # Twisted's TLS waits for the peer's close_notify for ever: a
+            # client that reads our answer and then neither answers nor
+            # closes TCP would hold the connection (and its place under the
+            # connection cap) until the process ends.
+            self._close_queued = tcp_queue_length(self.transport)
+            self._close_call = self.factory.reactor_clock.callLater(
+                CLOSE_TIMEOUT, self._close_timed_out
+            )
+
+    def _close_timed_out(self) -> None:
+        """
+        The peer has not answered our close_notify in time: close TCP once it
+        has read what was sent; wait on while it reads; abort if it stopped.
+        """
+        self._close_call = None
+        if not self.connected:
+            return
+        queued = tcp_queue_length(self.transport)
+        if not queued:
+            self.transport.loseConnection()
+        elif queued < self._close_queued:
+            self._close_queued = queued
+            self._close_call = self.factory.reactor_clock.callLater(
+                CLOSE_TIMEOUT, self._close_timed_out
+            )
+        else:
+            self.transport.abortConnection()
 
     def _tls_failed(self, reason: Failure) -> None:
         """
@@ -673,8 +727,11 @@ class BulkTLSProtocol(Protocol):
             # connect-and-close probe, which sends nothing, is not counted.
             COUNTS.handshake_failed("closed")
         self._handshake_steps = -1
-        if not self._tls_lost and self._tls is not None:
+        if not self._tls_lost and self._tls is not None and not self._aborted:
             # What the BIO still holds may be whole records: they go up first.
+            # (Not after an abort: nothing is delivered then, and the read
+            # would meet the end of TCP as OpenSSL's "unexpected eof", the
+            # reason the wrapped protocol would get instead of the abort.)
             self._tls.bio_shutdown()
             self._read_records()
             self._tls_lost = True
@@ -684,6 +741,10 @@ class BulkTLSProtocol(Protocol):
         # Nothing is sent any more (the last read may have made an answer).
         self._waiting = []
         self.factory.end_of_turn.discard(self)
+        if self._close_call is not None:
+            if self._close_call.active():
+                self._close_call.cancel()
+            self._close_call = None
         self.wrappedProtocol.connectionLost(reason)
         # The TLS connection refers to us (its app data, the client's
         # verification callback): break the cycle.
@@ -844,15 +905,19 @@ class BulkTLSFactory(Factory):
         return f"{inner} (TLS)"
 
     @property
+    def reactor_clock(self) -> IReactorTime:
+        """L{clock}, or the global reactor."""
+        if self.clock is not None:
+            return self.clock
+        from twisted.internet import reactor
+
+        return cast(IReactorTime, reactor)
+
+    @property
     def end_of_turn(self) -> EndOfTurnSender:
         """Where this factory's connections leave small writes for the end of the turn."""
         if self._end_of_turn is None:
-            clock = self.clock
-            if clock is None:
-                from twisted.internet import reactor
-
-                clock = cast(IReactorTime, reactor)
-            self._end_of_turn = EndOfTurnSender(clock)
+            self._end_of_turn = EndOfTurnSender(self.reactor_clock)
         return self._end_of_turn
 
 

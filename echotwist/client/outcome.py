@@ -193,9 +193,9 @@ def _tls_text(exc: BaseException) -> str:
         names = []
         for err in exc.errors:
             wanted = getattr(err, "mismatched_id", None)
-            names.append(
-                str(getattr(wanted, "ip", None) or getattr(wanted, "hostname", None) or err)
-            )
+            name = getattr(wanted, "ip", None) or getattr(wanted, "hostname", None) or err
+            # service_identity keeps a DNS name as IDNA-encoded bytes.
+            names.append(name.decode("ascii") if isinstance(name, bytes) else str(name))
         return "TLS certificate is not valid for " + ", ".join(names)
     if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
         parts = [str(e[-1]) for e in exc.args[0] if e and e[-1]]
