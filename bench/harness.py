@@ -1014,16 +1014,7 @@ SCENARIOS = {
         unit="req/s",
         needs_client=True,
     ),
-    # issue 14: `load --http2` beside h2load at the same 10 x 10 streams
-    "h2-64B-c10": dict(
-        title="HTTP/2, 64 B, 10 conns x 10 streams (h2load)",
-        runner=run_h2load,
-        conns=10,
-        streams=10,
-        size=64,
-        unit="req/s",
-        needs_h2=True,
-    ),
+    # issue 14: `load --http2` beside h2load (h2-64B-c10, below) at the same 10 x 10 streams
     "client-h2-64B": dict(
         title="echotwist-client load --http2, 64 B, 10 clients x 10 streams",
         runner=run_client_load,
@@ -1034,29 +1025,16 @@ SCENARIOS = {
         needs_h2=True,
         needs_client=True,
     ),
-    # the same two client runs with ECHOTWIST_REF_VENV's echotwist-client: an A/B of the
-    # client itself, on the same server in the same run (skipped without that venv)
-    "client-load-64B-ref": dict(
-        title="the reference echotwist-client load, 64 B, 50 clients",
-        runner=run_client_load,
-        conns=50,
-        size=64,
-        unit="req/s",
-        needs_client=True,
-        client="ref",
-    ),
-    "client-h2-64B-ref": dict(
-        title="the reference echotwist-client load --http2, 64 B, 10 clients x 10 streams",
-        runner=run_client_load,
-        conns=10,
-        streams=10,
-        size=64,
-        unit="req/s",
-        needs_h2=True,
-        needs_client=True,
-        client="ref",
-    ),
 }
+SCENARIOS["h2-64B-c10"] = dict(
+    SCENARIOS["h2-64B"], title="HTTP/2, 64 B, 10 conns x 10 streams (h2load)", conns=10
+)
+# The two client scenarios again with ECHOTWIST_REF_VENV's echotwist-client (`-ref`): an A/B of
+# the client itself, on the same server in the same run (skipped without that venv).
+for _name in ("client-load-64B", "client-h2-64B"):
+    SCENARIOS[_name + "-ref"] = dict(
+        SCENARIOS[_name], title="the reference " + SCENARIOS[_name]["title"], client="ref"
+    )
 DEFAULT_SCENARIOS = [
     "keepalive-64B",
     "newconn-64B",
