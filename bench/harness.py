@@ -1344,6 +1344,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-pin", action="store_true", help="no taskset")
     p.add_argument("--label", default="", help="a word added to the result file names")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="rounds outermost: each round runs every scenario, so noise that comes and goes "
+        "falls alike on the tools compared (default: every round of a scenario, then the next)",
+    )
     a = p.parse_args(argv)
     for name, normal, quick in (
         ("rounds", 3, 1),
@@ -1477,41 +1483,45 @@ def _main(env: Env, args, stamp: str) -> int:
         return summary
 
     if not args.idle_only:
-        for sc in scenarios:
-            for rnd in range(args.rounds):
-                order = (
-                    servers[rnd % len(servers) :] + servers[: rnd % len(servers)] if servers else []
-                )
-                for s in order:
-                    if SCENARIOS[sc].get("needs_h2") and not SERVERS[s].h2:
-                        if rnd == 0:
-                            runs.append(
-                                {
-                                    "scenario": sc,
-                                    "server": s,
-                                    "round": rnd,
-                                    "error": "no HTTP/2 in this server",
-                                }
-                            )
-                        continue
-                    rec = one_run(env, SERVERS[s], sc, rnd)
-                    runs.append(rec)
-                    if rec.get("other_cpu_s", 0) > 0.5 * rec.get("wall_s", 1e9):
-                        log(
-                            f"{sc} r{rnd} {s}: noisy run: other processes used "
-                            f"{rec['other_cpu_s']} CPU-s "
-                            f"in {rec['wall_s']} s"
+        # Scenario by scenario, or (--interleave) round by round through every scenario, so
+        # that a tool and the client compared with it run minutes apart at most.
+        plan = (
+            [(sc, rnd) for rnd in range(args.rounds) for sc in scenarios]
+            if args.interleave
+            else [(sc, rnd) for sc in scenarios for rnd in range(args.rounds)]
+        )
+        for sc, rnd in plan:
+            order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)] if servers else []
+            for s in order:
+                if SCENARIOS[sc].get("needs_h2") and not SERVERS[s].h2:
+                    if rnd == 0:
+                        runs.append(
+                            {
+                                "scenario": sc,
+                                "server": s,
+                                "round": rnd,
+                                "error": "no HTTP/2 in this server",
+                            }
                         )
-                    if rec.get("error"):
-                        log(f"{sc} r{rnd} {s}: ERROR {rec['error']}")
-                    else:
-                        log(
-                            f"{sc} r{rnd} {s}: {rec['rate']} {SCENARIOS[sc]['unit']}, "
-                            f"cpu {rec['server_cpu_s']}s, "
-                            f"{rec['per_cpu_s']}/cpu-s, rss {rec['peak_rss_mib']} MiB, "
-                            f"err {rec.get('errors', 0)}+{rec.get('non2xx', 0)}"
-                        )
-                    save()
+                    continue
+                rec = one_run(env, SERVERS[s], sc, rnd)
+                runs.append(rec)
+                if rec.get("other_cpu_s", 0) > 0.5 * rec.get("wall_s", 1e9):
+                    log(
+                        f"{sc} r{rnd} {s}: noisy run: other processes used "
+                        f"{rec['other_cpu_s']} CPU-s "
+                        f"in {rec['wall_s']} s"
+                    )
+                if rec.get("error"):
+                    log(f"{sc} r{rnd} {s}: ERROR {rec['error']}")
+                else:
+                    log(
+                        f"{sc} r{rnd} {s}: {rec['rate']} {SCENARIOS[sc]['unit']}, "
+                        f"cpu {rec['server_cpu_s']}s, "
+                        f"{rec['per_cpu_s']}/cpu-s, rss {rec['peak_rss_mib']} MiB, "
+                        f"err {rec.get('errors', 0)}+{rec.get('non2xx', 0)}"
+                    )
+                save()
     if args.idle or args.idle_only:
         for s in [x.strip() for x in args.idle_servers.split(",") if x.strip() in servers]:
             log(f"idle connections: {s}, {args.idle_conns} wanted")
