@@ -51,11 +51,16 @@ SCENARIOS = {
     # runs of NEWCONN_BATCH clients with one request each (-c equal to -n)
     "newconn-64B": ["--h1"],
 }
-#: The load client's scenarios: echotwist-client load's --clients, 64-byte payloads, against
+#: The load client's scenarios: echotwist-client load's flags, 64-byte payloads, against
 #: an echotwist outside valgrind; the client is what is counted.
 #: Connections (one request each) per h2load run of newconn-64B.
 NEWCONN_BATCH = 50
-CLIENT_SCENARIOS = {"client-64B": 10, "client-64B-c50": 50}
+CLIENT_SCENARIOS = {
+    "client-64B": ["--clients", "10"],
+    "client-64B-c50": ["--clients", "50"],
+    # issue 14: --http2 at h2load's -c10 -m10 (bench/run h2-floor: what h2 alone costs)
+    "client-h2-64B": ["--clients", "10", "--http2", "--streams", "10"],
+}
 DEFAULT_SCENARIOS = ["keepalive-64B", "h2-64B"]
 
 
@@ -284,8 +289,7 @@ class CountedClient:
             f"https://{HOST}:{self.port}",
             "--cacert",
             self.env.ca,
-            "--clients",
-            str(CLIENT_SCENARIOS[scenario]),
+            *CLIENT_SCENARIOS[scenario],
             "--requests",
             str(requests),
             "--size",

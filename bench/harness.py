@@ -287,18 +287,28 @@ class Env:
     def echotwist_available(self) -> bool:
         return os.access(os.path.join(self.et_venv, "bin", "twistd"), os.X_OK)
 
-    def client_available(self) -> bool:
-        """echotwist-client with its `load` command (issue 6 compares it with wrk)."""
-        exe = os.path.join(self.et_venv, "bin", "echotwist-client")
+    def client_venv(self, sc: dict) -> str | None:
+        """The venv whose echotwist-client a client scenario runs: the one under test, or
+        (`client="ref"`) the reference ECHOTWIST_REF_VENV, for an A/B of two clients on one
+        server in one run."""
+        if sc.get("client") == "ref":
+            return os.environ.get("ECHOTWIST_REF_VENV") or None
+        return self.et_venv
+
+    def client_available(self, sc: dict) -> bool:
+        """echotwist-client with its `load` command (issue 6 compares it with wrk), and
+        `--http2` where the scenario needs it (issue 14 compares that with h2load)."""
+        venv = self.client_venv(sc)
+        if venv is None:
+            return False
+        exe = os.path.join(venv, "bin", "echotwist-client")
         if not os.access(exe, os.X_OK):
             return False
         try:
-            return (
-                subprocess.run([exe, "load", "--help"], capture_output=True, timeout=60).returncode
-                == 0
-            )
+            h = subprocess.run([exe, "load", "--help"], capture_output=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return False
+        return h.returncode == 0 and (not sc.get("streams") or b"--http2" in h.stdout)
 
 
 # --------------------------------------------------------------------------- servers
@@ -907,8 +917,12 @@ def run_h2load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     }
 
 
-def run_client_load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
-    client = os.path.join(env.et_venv, "bin", "echotwist-client")
+def run_client_load(
+    env: Env, srv: Server, sc: dict, duration: float, requests: int | None = None
+) -> dict:
+    """`echotwist-client load` for `duration` seconds, or for just `requests` requests (the
+    start-up cost one_run subtracts from the client's CPU)."""
+    client = os.path.join(env.client_venv(sc) or env.et_venv, "bin", "echotwist-client")
     cmd = [
         client,
         "load",
@@ -918,12 +932,17 @@ def run_client_load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
         env.ca,
         "--clients",
         str(sc["conns"]),
-        "--duration",
-        f"{max(1, round(duration))}",
+        *(
+            ["--requests", str(requests)]
+            if requests is not None
+            else ["--duration", f"{max(1, round(duration))}"]
+        ),
         "--size",
         str(sc["size"]),
         "--json",
     ]
+    if sc.get("streams"):
+        cmd += ["--http2", "--streams", str(sc["streams"])]
     rc, out, err = _run_tool(env, cmd, duration + 60, {"ECHOTWIST_TOKEN": env.token})
     j = None
     for line in reversed(out.strip().splitlines()):
@@ -995,7 +1014,27 @@ SCENARIOS = {
         unit="req/s",
         needs_client=True,
     ),
+    # issue 14: `load --http2` beside h2load (h2-64B-c10, below) at the same 10 x 10 streams
+    "client-h2-64B": dict(
+        title="echotwist-client load --http2, 64 B, 10 clients x 10 streams",
+        runner=run_client_load,
+        conns=10,
+        streams=10,
+        size=64,
+        unit="req/s",
+        needs_h2=True,
+        needs_client=True,
+    ),
 }
+SCENARIOS["h2-64B-c10"] = dict(
+    SCENARIOS["h2-64B"], title="HTTP/2, 64 B, 10 conns x 10 streams (h2load)", conns=10
+)
+# The two client scenarios again with ECHOTWIST_REF_VENV's echotwist-client (`-ref`): an A/B of
+# the client itself, on the same server in the same run (skipped without that venv).
+for _name in ("client-load-64B", "client-h2-64B"):
+    SCENARIOS[_name + "-ref"] = dict(
+        SCENARIOS[_name], title="the reference " + SCENARIOS[_name]["title"], client="ref"
+    )
 DEFAULT_SCENARIOS = [
     "keepalive-64B",
     "newconn-64B",
@@ -1003,6 +1042,8 @@ DEFAULT_SCENARIOS = [
     "body-16MiB",
     "h2-64B",
     "client-load-64B",
+    "h2-64B-c10",
+    "client-h2-64B",
 ]
 
 
@@ -1024,6 +1065,13 @@ def one_run(env: Env, server_cls, sc_name: str, rnd: int) -> dict:
         sys1, lg1 = machine_busy_seconds(), children_cpu_seconds()
         peak_kib = sampler.finish()
         alive = srv.proc.poll() is None
+        if sc.get("needs_client"):
+            # What the client spends before and after its load (Python's imports, the TLS
+            # handshakes, the summary: about 0.3 s), measured by one request per sender on the
+            # same server, so that its CPU per request is the load's alone.
+            lg2 = children_cpu_seconds()
+            sc["runner"](env, srv, sc, duration, requests=sc["conns"] * sc.get("streams", 1))
+            rec["load_start_cpu_s"] = round(children_cpu_seconds() - lg2, 3)
         rec.update(res)
         rec["server_cpu_s"] = round(cpu1 - cpu0, 3)
         rec["wall_s"] = round(t1 - t0, 3)
@@ -1044,6 +1092,10 @@ def one_run(env: Env, server_cls, sc_name: str, rnd: int) -> dict:
                 else None
             )
             rec["cpu_util"] = round(cpu / res["seconds"], 2)
+            # the load generator's own cost per answer: on 2 shared cores, the robust figure
+            # for comparing load generators (issue 14)
+            load_cpu = rec["load_cpu_s"] - rec.get("load_start_cpu_s", 0.0)
+            rec["load_us_per_req"] = round(load_cpu / res["ok"] * 1e6, 1) if res["ok"] > 0 else None
             if res["ok"] == 0:
                 rec["error"] = (rec.get("error", "") + " no successful request").strip()
     except Exception as e:  # one failed run must not end the benchmark
@@ -1123,6 +1175,7 @@ def summarize(runs: list[dict], servers: list[str], scenarios: list[str]) -> dic
                 "per_cpu_s": med([r.get("per_cpu_s") for r in good]),
                 "cpu_util": med([r.get("cpu_util") for r in good]),
                 "load_cpu_s": med([r.get("load_cpu_s") for r in good]),
+                "load_us_per_req": med([r.get("load_us_per_req") for r in good]),
                 "other_cpu_s": med([r.get("other_cpu_s") for r in good]),
                 "peak_rss_mib": med([r.get("peak_rss_mib") for r in good]),
                 "peak_rss_max_mib": max([r.get("peak_rss_mib") or 0 for r in good], default=None),
@@ -1170,21 +1223,43 @@ def table(summary: dict, servers: list[str], scenarios: list[str], base: str = "
     return "\n".join(lines)
 
 
-def client_vs_wrk(summary: dict, servers: list[str]) -> str:
-    """Issue 6: `echotwist-client load` must drive at least 0.8x the rate wrk drives."""
+def client_vs_tool(summary: dict, servers: list[str], tool_sc: str, client_sc: str) -> str:
+    """
+    The project's load client beside a C load generator on the same server in the same run
+    (issue 6: `load` at least 0.8x wrk; issue 14: `load --http2` at least 0.8x h2load): both
+    rates and both tools' CPU per answer, and the reference client (`<client_sc>-ref`, from
+    ECHOTWIST_REF_VENV) when it ran too.
+    """
+    tool = SCENARIOS[tool_sc]["runner"].__name__.removeprefix("run_")
     rows = []
     for s in servers:
-        w = summary.get("keepalive-64B", {}).get(s, {}).get("rate")
-        c = summary.get("client-load-64B", {}).get(s, {}).get("rate")
-        if w and c:
-            rows.append(f"| {s} | {fmt(w)} req/s | {fmt(c)} req/s | {c / w:.2f}x |")
+        t = summary.get(tool_sc, {}).get(s, {})
+        for name, label in ((client_sc, "load"), (client_sc + "-ref", "reference load")):
+            c = summary.get(name, {}).get(s, {})
+            if t.get("rate") and c.get("rate"):
+                rows.append(
+                    f"| {s} | {label} | {fmt(t['rate'])} req/s | {fmt(t.get('load_us_per_req'))} "
+                    f"| {fmt(c['rate'])} req/s | {fmt(c.get('load_us_per_req'))} "
+                    f"| {c['rate'] / t['rate']:.2f}x |"
+                )
     if not rows:
         return ""
     head = [
-        "| server | wrk keepalive-64B | echotwist-client load | load / wrk |",
-        "|---|---:|---:|---:|",
+        f"| server | client | {tool} {tool_sc} | {tool} CPU us/req | echotwist-client "
+        f"{client_sc} | client CPU us/req | client / {tool} |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     return "\n".join(head + rows)
+
+
+def client_vs_wrk(summary: dict, servers: list[str]) -> str:
+    """Issue 6: `echotwist-client load` must drive at least 0.8x the rate wrk drives."""
+    return client_vs_tool(summary, servers, "keepalive-64B", "client-load-64B")
+
+
+def client_vs_h2load(summary: dict, servers: list[str]) -> str:
+    """Issue 14: `echotwist-client load --http2` at least 0.8x h2load's rate, 10 x 10 streams."""
+    return client_vs_tool(summary, servers, "h2-64B-c10", "client-h2-64B")
 
 
 def idle_table(idle: list[dict]) -> str:
@@ -1269,6 +1344,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-pin", action="store_true", help="no taskset")
     p.add_argument("--label", default="", help="a word added to the result file names")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="rounds outermost: each round runs every scenario, so noise that comes and goes "
+        "falls alike on the tools compared (default: every round of a scenario, then the next)",
+    )
     a = p.parse_args(argv)
     for name, normal, quick in (
         ("rounds", 3, 1),
@@ -1339,9 +1420,11 @@ def _main(env: Env, args, stamp: str) -> int:
             timeout=60,
         )
         env.et_options = set(re.findall(r"(--[a-z][a-z0-9-]*)", h.stdout))
-    if "client-load-64B" in scenarios and not env.client_available():
-        log("echotwist-client is not installed: skipping client-load-64B")
-        scenarios.remove("client-load-64B")
+    for sc in [s for s in scenarios if SCENARIOS[s].get("needs_client")]:
+        if not env.client_available(SCENARIOS[sc]):
+            where = env.client_venv(SCENARIOS[sc]) or "ECHOTWIST_REF_VENV (not set)"
+            log(f"no echotwist-client load (with --http2 where needed) in {where}: skipping {sc}")
+            scenarios.remove(sc)
     cert_origin = ensure_certs(env)
     meta = {
         "started": stamp,
@@ -1400,41 +1483,45 @@ def _main(env: Env, args, stamp: str) -> int:
         return summary
 
     if not args.idle_only:
-        for sc in scenarios:
-            for rnd in range(args.rounds):
-                order = (
-                    servers[rnd % len(servers) :] + servers[: rnd % len(servers)] if servers else []
-                )
-                for s in order:
-                    if SCENARIOS[sc].get("needs_h2") and not SERVERS[s].h2:
-                        if rnd == 0:
-                            runs.append(
-                                {
-                                    "scenario": sc,
-                                    "server": s,
-                                    "round": rnd,
-                                    "error": "no HTTP/2 in this server",
-                                }
-                            )
-                        continue
-                    rec = one_run(env, SERVERS[s], sc, rnd)
-                    runs.append(rec)
-                    if rec.get("other_cpu_s", 0) > 0.5 * rec.get("wall_s", 1e9):
-                        log(
-                            f"{sc} r{rnd} {s}: noisy run: other processes used "
-                            f"{rec['other_cpu_s']} CPU-s "
-                            f"in {rec['wall_s']} s"
+        # Scenario by scenario, or (--interleave) round by round through every scenario, so
+        # that a tool and the client compared with it run minutes apart at most.
+        plan = (
+            [(sc, rnd) for rnd in range(args.rounds) for sc in scenarios]
+            if args.interleave
+            else [(sc, rnd) for sc in scenarios for rnd in range(args.rounds)]
+        )
+        for sc, rnd in plan:
+            order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)] if servers else []
+            for s in order:
+                if SCENARIOS[sc].get("needs_h2") and not SERVERS[s].h2:
+                    if rnd == 0:
+                        runs.append(
+                            {
+                                "scenario": sc,
+                                "server": s,
+                                "round": rnd,
+                                "error": "no HTTP/2 in this server",
+                            }
                         )
-                    if rec.get("error"):
-                        log(f"{sc} r{rnd} {s}: ERROR {rec['error']}")
-                    else:
-                        log(
-                            f"{sc} r{rnd} {s}: {rec['rate']} {SCENARIOS[sc]['unit']}, "
-                            f"cpu {rec['server_cpu_s']}s, "
-                            f"{rec['per_cpu_s']}/cpu-s, rss {rec['peak_rss_mib']} MiB, "
-                            f"err {rec.get('errors', 0)}+{rec.get('non2xx', 0)}"
-                        )
-                    save()
+                    continue
+                rec = one_run(env, SERVERS[s], sc, rnd)
+                runs.append(rec)
+                if rec.get("other_cpu_s", 0) > 0.5 * rec.get("wall_s", 1e9):
+                    log(
+                        f"{sc} r{rnd} {s}: noisy run: other processes used "
+                        f"{rec['other_cpu_s']} CPU-s "
+                        f"in {rec['wall_s']} s"
+                    )
+                if rec.get("error"):
+                    log(f"{sc} r{rnd} {s}: ERROR {rec['error']}")
+                else:
+                    log(
+                        f"{sc} r{rnd} {s}: {rec['rate']} {SCENARIOS[sc]['unit']}, "
+                        f"cpu {rec['server_cpu_s']}s, "
+                        f"{rec['per_cpu_s']}/cpu-s, rss {rec['peak_rss_mib']} MiB, "
+                        f"err {rec.get('errors', 0)}+{rec.get('non2xx', 0)}"
+                    )
+                save()
     if args.idle or args.idle_only:
         for s in [x.strip() for x in args.idle_servers.split(",") if x.strip() in servers]:
             log(f"idle connections: {s}, {args.idle_conns} wanted")
@@ -1460,7 +1547,17 @@ def _main(env: Env, args, stamp: str) -> int:
     cmp = client_vs_wrk(summary, servers)
     if cmp:
         md += [
-            "`echotwist-client load` against wrk, same server, same 50-way concurrency, same run:",
+            "`echotwist-client load` against wrk, same server, same 50-way concurrency, same run"
+            " (CPU us/req: the load generator's user+sys per answer):",
+            "",
+            cmp,
+            "",
+        ]
+    cmp = client_vs_h2load(summary, servers)
+    if cmp:
+        md += [
+            "`client_vs_h2load`: `echotwist-client load --http2` against h2load, same server, "
+            "10 connections x 10 streams each, same run:",
             "",
             cmp,
             "",

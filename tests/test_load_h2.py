@@ -13,14 +13,20 @@ import json
 from typing import Any
 
 from twisted.internet import reactor, ssl
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    SSL4ServerEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from echotwist import tokens
+from echotwist import tls, tokens
 from echotwist.client import cli
-from echotwist.client.h2connection import H2EchoConnection
+from echotwist.client.h2connection import ALPNCreator, H2EchoConnection
 from tests.support import dev_certs, make_site, run_client, start_twistd
 from tests.test_load import ConnectionCounter, CorruptingEcho, listen, load
 
@@ -111,6 +117,63 @@ class HTTP2LoadTests(TestCase):
         self.assertEqual(list(summary["failed"]), ["no_http2"])
         self.assertLessEqual(summary["requests"], 3)  # stops at once: all would be refused
         self.assertIn("the server does not speak HTTP/2 here (ALPN chose: none)", stderr)
+
+    async def test_answers_larger_than_the_default_window_verify(self) -> None:
+        # 300,000 bytes each way: more than HTTP/2's default 65,535-byte
+        # windows, in both directions, four streams at once.
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        code, summary, stderr = await load(
+            port, token, "--http2", "--clients=1", "--streams=4", "--size=300000",
+            "--requests=24", "--json",
+        )  # fmt: skip
+        self.assertEqual((code, stderr), (0, ""))
+        self.assertEqual((summary["verified"], summary["failed"]), (24, {}))
+
+    async def test_windows_handed_back_in_bulk_keep_answers_flowing(self) -> None:
+        # A receive window of 128 KiB: 100 answers of 10,000 bytes (each in
+        # one DATA frame that ends its stream: handed back to the connection
+        # in bulk) and 4 of 300,000 (more than the stream window: handed back
+        # while they arrive) pass through it many times over.  The window
+        # never runs out: a server would have to wait, or split its answers.
+        token = tokens.generate_token()
+        port, _ = await listen(self, make_site(token))
+        policy = tls.client_policy(dev_certs().ca_cert, False)
+        creator = ALPNCreator(policy.creatorForNetloc(b"127.0.0.1", port))
+        endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, "127.0.0.1", port))
+        factory = Factory.forProtocol(lambda: H2EchoConnection(receive_window=2**17))
+        connection = await endpoint.connect(factory)
+        self.addCleanup(lambda: connection.close(reactor))
+        await connection.ready
+
+        async def echo(n: int, size: int) -> bytes:
+            body = n.to_bytes(4, "big") * (size // 4)
+            headers = [
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":authority", b"127.0.0.1:%d" % port),
+                (b":path", b"/echo"),
+                (b"token", token.encode("ascii")),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            response = await connection.request(headers, body)
+            self.assertEqual(response.status, 200)
+            return response.body == body
+
+        def within(coroutine: Any) -> Deferred[bool]:
+            return Deferred.fromCoroutine(coroutine).addTimeout(20, reactor)
+
+        for batch in range(25):
+            sent = [echo(batch * 4 + i, 10_000) for i in range(4)]
+            verified = await gatherResults([within(e) for e in sent])
+            self.assertEqual(verified, [True] * 4)
+            # (h2's own view of the window: handed back at half, it stays
+            # above half less the answers of the read still being handled.)
+            self.assertGreater(connection._h2.inbound_flow_control_window, 2**16 - 40_000)
+        sent = [echo(100 + i, 300_000) for i in range(4)]
+        verified = await gatherResults([within(e) for e in sent])
+        self.assertEqual(verified, [True] * 4)
+        self.assertEqual(connection.answered, 104)
 
     async def _usage(self, *args: str) -> str:
         stderr = io.StringIO()

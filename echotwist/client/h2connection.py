@@ -54,6 +54,23 @@ from echotwist.client.outcome import (
 )
 
 
+def client_configuration(**overrides: Any) -> H2Configuration:
+    """
+    How the load client configures h2 (C{bench/h2_floor.py} measures h2 so
+    configured).  Our own header block is the same for every request, checked
+    once when built: h2 need not validate and normalise it again per request.
+    What the server sends is validated (about a tenth of h2's cost per
+    request, worth it in a tool that vouches for the server's answers).
+    """
+    options: dict[str, Any] = {
+        "client_side": True,
+        "header_encoding": None,
+        "validate_outbound_headers": False,
+        "normalize_outbound_headers": False,
+    }
+    return H2Configuration(**{**options, **overrides})
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class ALPNCreator:
     """Wraps a client connection creator to offer exactly C{h2} in ALPN."""
@@ -83,6 +100,12 @@ class _Stream:
 
 _DONE = Failure(ConnectionDone())
 
+#: The receive windows offered, per stream and for the connection: h2load's
+#: default (C{-w 30 -W 30}), so that an answer of any size this client asks
+#: for comes back without waiting on WINDOW_UPDATEs, and the connection's
+#: window is handed back rarely (h2 returns it once half is used).
+RECEIVE_WINDOW = 2**30 - 1
+
 
 @implementer(IHandshakeListener)
 class H2EchoConnection(Protocol):
@@ -95,17 +118,8 @@ class H2EchoConnection(Protocol):
     @ivar answered: responses received on this connection so far.
     """
 
-    def __init__(self) -> None:
-        # Our own header block is the same for every request, checked once when
-        # built: h2 need not validate and normalise it again per request.  What
-        # the server sends is validated.
-        config = H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self._h2 = H2Connection(config)
+    def __init__(self, receive_window: int = RECEIVE_WINDOW) -> None:
+        self._h2 = H2Connection(client_configuration())
         self._streams: dict[int, _Stream] = {}
         self.ready: Deferred[None] = Deferred()
         self.closed: Deferred[None] = Deferred()
@@ -114,6 +128,13 @@ class H2EchoConnection(Protocol):
         self.max_streams = 100
         self._write: Any = None
         self._force_close: IDelayedCall | None = None
+        self._receive_window = receive_window
+        #: Flow-controlled bytes of answers that are complete, not yet handed
+        #: back (the connection's window only: their streams are closed).
+        self._consumed = 0
+        #: In L{dataReceived}: requests sent from its callbacks leave with its
+        #: own flush, all in one write.
+        self._receiving = False
 
     # -- Twisted -----------------------------------------------------------------
 
@@ -135,25 +156,54 @@ class H2EchoConnection(Protocol):
                 self.ready.errback(HTTP2RefusedError(negotiated))
             return
         # The connection preface once TLS is up (the transport cannot take
-        # writes in connectionMade, before its TLS connection exists).
-        self._h2.initiate_connection()
+        # writes in connectionMade, before its TLS connection exists), with
+        # the receive windows raised: the stream window by SETTINGS (applied
+        # by the server before it reads the requests that follow), the
+        # connection's by a WINDOW_UPDATE.
+        h2 = self._h2
+        h2.initiate_connection()
+        window = self._receive_window
+        if window != h2.local_settings.initial_window_size:
+            h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: window})
+        if window > h2.inbound_flow_control_window:
+            h2.increment_flow_control_window(window - h2.inbound_flow_control_window)
         self._flush()
         self.usable = True
         self.ready.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
+        h2 = self._h2
         try:
-            events = self._h2.receive_data(data)
+            events = h2.receive_data(data)
         except H2Error as e:
             self._fail_all(Failure(BadResponseError(f"HTTP/2 protocol error: {e}")))
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
+        self._receiving = True
+        try:
+            self._handle(events)
+        finally:
+            self._receiving = False
+        if self._consumed > self._receive_window // 2:
+            # Handed back in bulk: one WINDOW_UPDATE for many answers.
+            h2.increment_flow_control_window(self._consumed)
+            self._consumed = 0
+        self._flush()
+
+    def _handle(self, events: list[Any]) -> None:
+        """Act on what the server sent; answers complete and the next requests go out."""
+        h2 = self._h2
         for event in events:
             if isinstance(event, DataReceived):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
                     stream.chunks.append(event.data)
-                self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_ended is None:
+                    # More to come on this stream: h2 hands back its window
+                    # (and the connection's) when enough is used.
+                    h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                else:
+                    self._consumed += event.flow_controlled_length
             elif isinstance(event, ResponseReceived):
                 self._headers(event.stream_id, event.headers)
             elif isinstance(event, StreamEnded):
@@ -170,7 +220,6 @@ class H2EchoConnection(Protocol):
                     self.max_streams = changed.new_value
             elif isinstance(event, ConnectionTerminated):
                 self._went_away(int(event.error_code or 0), event.last_stream_id)
-        self._flush()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.usable = False
@@ -200,10 +249,11 @@ class H2EchoConnection(Protocol):
         h2 = self._h2
         stream_id = h2.get_next_available_stream_id()
         waiting: Deferred[Response] = Deferred(lambda d: self._reset(stream_id))
-        self._streams[stream_id] = _Stream(waiting, since, body)
+        stream = self._streams[stream_id] = _Stream(waiting, since, body)
         h2.send_headers(stream_id, headers)
-        self._send_body(stream_id, self._streams[stream_id])
-        self._flush()
+        self._send_body(stream_id, stream)
+        if not self._receiving:
+            self._flush()
         return waiting
 
     def expire(self, now: float, timeout: float) -> bool:

@@ -272,7 +272,11 @@ class LoadRun:
         self._factory: Factory = Factory.forProtocol(EchoConnection)
         self._send: Any = self._request
         if self._http2:
-            self._h2_head = h2_request_headers(path, headers)
+            # Every payload is --size bytes: one header block for the whole run.
+            self._h2_headers = [
+                *h2_request_headers(path, headers),
+                (b"content-length", b"%d" % self._size),
+            ]
             self._creator = ALPNCreator(self._creator)
             self._factory = Factory.forProtocol(H2EchoConnection)
             self._send = self._h2_request
@@ -442,11 +446,10 @@ class LoadRun:
         """
 
         async def send(body: bytes, sent: float) -> Response:
-            connection = await lane.connection()
+            connection = lane.usable() or await lane.connection()
             if self.interrupted:
                 raise CancelledError()
-            headers = [*self._h2_head, (b"content-length", b"%d" % len(body))]
-            return await connection.request(headers, body, sent)
+            return await connection.request(self._h2_headers, body, sent)
 
         await self._exchange(seq, due, send, lambda e: isinstance(e, GoAwayError))
         return lane
@@ -559,9 +562,14 @@ class _H2Lane:
         self._connection: H2EchoConnection | None = None
         self._waiting: list[Deferred[H2EchoConnection]] | None = None
 
-    async def connection(self) -> H2EchoConnection:
+    def usable(self) -> H2EchoConnection | None:
+        """The connection, when it is open and takes new streams (most of the time)."""
         current = self._connection
-        if current is not None and current.usable:
+        return current if current is not None and current.usable else None
+
+    async def connection(self) -> H2EchoConnection:
+        current = self.usable()
+        if current is not None:
             return current
         waiting: Deferred[H2EchoConnection] = Deferred()
         if self._waiting is not None:
