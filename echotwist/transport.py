@@ -44,6 +44,7 @@ with it where C{SSL4ServerEndpoint} would have used Twisted's own factory.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any, cast
 
 from OpenSSL import SSL
@@ -780,27 +781,25 @@ class _PullAsPush:
         if not failure.check(TaskStopped):
             _log.failure("a pull producer failed", failure)
 
+    # A task that has ended refuses to stop, pause or resume (TaskFinished),
+    # and one that is not paused refuses to resume (NotPaused): either way
+    # there is nothing left to do.
+
     def finish(self) -> None:
         """The producer unregistered: stop asking it."""
         if self._task is not None:
-            try:
+            with suppress(TaskFinished):
                 self._task.stop()
-            except TaskFinished:
-                pass
 
     def pauseProducing(self) -> None:
         if self._task is not None:
-            try:
+            with suppress(TaskFinished):
                 self._task.pause()
-            except TaskFinished:
-                pass
 
     def resumeProducing(self) -> None:
         if self._task is not None:
-            try:
+            with suppress(TaskFinished, NotPaused):
                 self._task.resume()
-            except (TaskFinished, NotPaused):
-                pass
 
     def stopProducing(self) -> None:
         self.finish()
