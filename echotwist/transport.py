@@ -172,6 +172,16 @@ def _represents_eof(error: Error) -> bool:
     return str(queue[-1][-1]).casefold().startswith("unexpected eof")
 
 
+def _tls_log_prefix(wrapped: Any) -> str:
+    """What Twisted's logs call a TLS connection or factory: the wrapped one's name, marked."""
+    inner = (
+        wrapped.logPrefix()
+        if interfaces.ILoggingContext.providedBy(wrapped)
+        else type(wrapped).__name__
+    )
+    return f"{inner} (TLS)"
+
+
 def _forwarder(name: str) -> Any:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.transport, name)(*args, **kwargs)
@@ -253,13 +263,7 @@ class BulkTLSProtocol(Protocol):
         self._handshake()
 
     def logPrefix(self) -> str:
-        wrapped = self.wrappedProtocol
-        inner = (
-            wrapped.logPrefix()
-            if interfaces.ILoggingContext.providedBy(wrapped)
-            else type(wrapped).__name__
-        )
-        return f"{inner} (TLS)"
+        return _tls_log_prefix(self.wrappedProtocol)
 
     def _handshake(self) -> None:
         """One step of the handshake (at connect, then per read until it is done), counted."""
@@ -895,13 +899,7 @@ class BulkTLSFactory(Factory):
         self.wrappedFactory.doStop()
 
     def logPrefix(self) -> str:
-        wrapped = self.wrappedFactory
-        inner = (
-            wrapped.logPrefix()
-            if interfaces.ILoggingContext.providedBy(wrapped)
-            else type(wrapped).__name__
-        )
-        return f"{inner} (TLS)"
+        return _tls_log_prefix(self.wrappedFactory)
 
     @property
     def reactor_clock(self) -> IReactorTime:
