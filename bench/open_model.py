@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,13 @@ from pathlib import Path
 
 from echotwist import certs
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# bench/ is not a package: its shared helpers are imported by path, as count.py does.
+from harness import free_port
+
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stall_later(pid: int, after: float, seconds: float) -> threading.Thread:
