@@ -70,12 +70,18 @@ class EchoChannelProtocol(Protocol):
         self.channel = HTTP11Channel(self._site, self.transport, self._site.reactor.seconds())
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        The first bytes choose the channel (ALPN has been settled by then);
+        from then on they go to it straight: the chosen channel's
+        C{dataReceived} is bound in this one's place, one call less per read.
+        """
         channel = self.channel
         if not self._chosen:
             self._chosen = True
             if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
                 channel = self._switch_to_h2()
         assert channel is not None
+        self.dataReceived = channel.dataReceived  # type: ignore[method-assign]
         channel.dataReceived(data)
 
     def _switch_to_h2(self) -> EchoH2Connection:

@@ -67,6 +67,11 @@ BACKLOG_BYTES = 64 * 1024
 ABORT_TIMEOUT = 15.0
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: The headers the channel reads itself, besides handing them on: the
+#: framing (L{_body_length}, L{_chunked_only}) and C{Expect}.  Told apart by
+#: length first: most header names have none of these lengths.
+_OWN_NAMES = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+_OWN_NAME_LENGTHS = frozenset(map(len, _OWN_NAMES))
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
 
@@ -106,6 +111,8 @@ class _Message:
     __slots__ = (
         "body",
         "complete",
+        "expect",
+        "framing",
         "headers",
         "keep_alive",
         "length",
@@ -119,6 +126,11 @@ class _Message:
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        #: The framing headers (C{Content-Length}, C{Transfer-Encoding}),
+        #: names lowercased; L{None} while there are none.
+        self.framing: list[tuple[bytes, bytes]] | None = None
+        #: It has an C{Expect} header (only then is C{100 Continue} looked at).
+        self.expect = False
         self.size = 0
         self.version = b""
         self.method = b""
@@ -329,10 +341,11 @@ class HTTP11Channel:
             self._write_refusal(self._refusal)
             return
         if not self.requests:
-            self._idle_again()
-            if self._parsing is not None and self._parsing.request is None:
-                # A request already partly in: its clock runs from now.
+            if self._parsing is not None:
+                # A request already partly in: its header clock runs from now.
                 self.deadline.set_in(self._limits.header_timeout, self._headers_too_slow)
+            else:
+                self._idle_again()
         if self._paused and self._waiting_bytes <= BACKLOG_BYTES:
             self._paused = False
             self.transport.resumeProducing()
@@ -367,9 +380,6 @@ class HTTP11Channel:
         if self._rejected or self._closed:
             return
         self._bytes_seen += len(data)
-        idle = self._idle
-        if idle.when is not None and self._idle_timeout is not None:
-            idle.set_in(self._idle_timeout, self._timed_out)
         pending: list[Callable[[], Any]] = []
         self._after_read = pending
         try:
@@ -513,9 +523,13 @@ class HTTP11Channel:
             # The last answer closed the connection: what follows is not read.
             raise _ClosedError()
         self._parsing = _Message()
-        if not self.requests and not self.deadline.due(self._headers_too_slow):
-            # A later request's clock starts at its first byte.
-            self.deadline.set_in(self._limits.header_timeout, self._headers_too_slow)
+        if not self.requests:
+            # A request has begun: the idle clock gives way to the header
+            # deadline, which for a later request starts at its first byte
+            # (the first request's runs from the connection's start).
+            self._idle.clear()
+            if self.deadline.when is None:
+                self.deadline.set_in(self._limits.header_timeout, self._headers_too_slow)
 
     def on_url(self, url: bytes) -> None:
         message = self._parsing
@@ -528,6 +542,15 @@ class HTTP11Channel:
         assert message is not None
         message.size += len(name) + len(value)
         message.headers.append((name, value))
+        if len(name) in _OWN_NAME_LENGTHS:
+            own = name.lower()
+            if own in _OWN_NAMES:
+                if own == b"expect":
+                    message.expect = True
+                elif message.framing is None:
+                    message.framing = [(own, value)]
+                else:
+                    message.framing.append((own, value))
 
     def on_headers_complete(self) -> None:
         message = self._parsing
@@ -545,12 +568,16 @@ class HTTP11Channel:
             # llhttp would read everything after this head as the new
             # protocol; HTTP/2 is offered by ALPN instead, and nothing else is.
             raise _RefusalError(http.BAD_REQUEST, "protocol upgrade requested (not supported)")
-        if not _chunked_only(message.headers):
-            # llhttp takes any codings that end in chunked ("gzip" on one
-            # line, "chunked" on the next); this service decodes none of
-            # them and would echo the coded bytes as if they were the body.
-            raise _RefusalError(http.BAD_REQUEST, "a transfer coding other than chunked")
-        message.length = _body_length(message.headers)
+        framing = message.framing
+        if framing is not None:
+            if not _chunked_only(framing):
+                # llhttp takes any codings that end in chunked ("gzip" on one
+                # line, "chunked" on the next); this service decodes none of
+                # them and would echo the coded bytes as if they were the body.
+                raise _RefusalError(http.BAD_REQUEST, "a transfer coding other than chunked")
+            message.length = _body_length(framing)
+        else:
+            message.length = 0
         self._body_left = message.length
         # keep-alive: HTTP/1.1 without "Connection: close".  HTTP/1.0 closes
         # after its answer, as twisted.web's own channel does (and as RFC 9112
@@ -592,10 +619,10 @@ class HTTP11Channel:
 
     def _start(self, message: _Message) -> None:
         """Make the Request for a message that is to be answered now."""
-        deadline = self.deadline
-        if deadline.when is not None:
-            # Cleared, not cancelled: the next request re-arms the same timer.
-            deadline.clear(self._headers_too_slow)
+        # Cleared, not cancelled: the next request re-arms the same timer.
+        # (No request is being answered, so what is due is the header
+        # deadline: no body clock holds the timer.)
+        self.deadline.clear()
         self._idle.clear()
         request = self.requestFactory(self)
         message.request = request
@@ -613,7 +640,7 @@ class HTTP11Channel:
         request.parseCookies()
         request.gotLength(message.length)
         # A request refused at its head has had its Expect removed.
-        if message.length != 0 and not request.finished:
+        if message.expect and message.length != 0 and not request.finished:
             expect = headers.getRawHeaders(b"expect")
             if expect and expect[0].lower() == b"100-continue" and message.version == b"HTTP/1.1":
                 self.transport.write(_CONTINUE)
@@ -751,30 +778,32 @@ class HTTP11Channel:
         self._parsing = None
 
 
-def _body_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+def _body_length(framing: list[tuple[bytes, bytes]]) -> int | None:
     """
     The declared body length: C{Content-Length}, L{None} for a chunked body,
     0 for none.  llhttp has already refused any other framing (a
     C{Content-Length} that is not digits or is repeated, one beside
     C{Transfer-Encoding}, a C{Transfer-Encoding} that does not end in chunked).
+
+    @param framing: the request's L{_Message.framing} headers (names lowercased).
     """
-    for name, value in headers:
-        if len(name) == 14 and name.lower() == b"content-length":
+    for name, value in framing:
+        if name == b"content-length":
             return int(value)
-        if len(name) == 17 and name.lower() == b"transfer-encoding":
+        if name == b"transfer-encoding":
             return None
     return 0
 
 
-def _chunked_only(headers: list[tuple[bytes, bytes]]) -> bool:
+def _chunked_only(framing: list[tuple[bytes, bytes]]) -> bool:
     """
     Whether the request's transfer codings, over every C{Transfer-Encoding}
     line, are none or exactly C{chunked}: the only one this service undoes.
     """
     codings = [
         coding.strip()
-        for name, value in headers
-        if len(name) == 17 and name.lower() == b"transfer-encoding"
+        for name, value in framing
+        if name == b"transfer-encoding"
         for coding in value.lower().split(b",")
     ]
     return not codings or codings == [b"chunked"]

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
@@ -93,7 +93,8 @@ _SLACK = 0.001
 
 def limits_of(site: Any) -> Limits:
     """The bounds of a site: an L{echotwist.site.EchoSite}'s own, else the defaults."""
-    return cast(Limits, getattr(site, "limits", None) or Limits())
+    limits: Limits | None = getattr(site, "limits", None)
+    return limits if limits is not None else Limits()
 
 
 class Deadline:

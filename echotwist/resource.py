@@ -218,15 +218,13 @@ class EchoResource(Resource):
         larger one, spooled to a file, is streamed back from it by a pull
         producer, so a 16 MiB echo never holds more than a chunk in memory.
         """
-        content = request.content
+        content: Any = request.content
         in_memory = isinstance(content, _InMemoryBody)
         if in_memory:
-            memory = cast(_InMemoryBody, content)
-            length = memory.size
+            length = content.size
         else:
-            spool = cast("IO[bytes]", content)
-            spool.seek(0, 2)
-            length = spool.tell()
+            content.seek(0, 2)
+            length = content.tell()
         if getattr(request, "accepted", False):
             # An EchoRequest decided at its head (path, method, token, the
             # declared size), and refuses a body that grows past the limit
@@ -248,7 +246,7 @@ class EchoResource(Resource):
         echoed = content_type[0] if content_type else DEFAULT_CONTENT_TYPE
         request.responseHeaders.setRawHeaders(b"content-type", [echoed])
         if in_memory:
-            chunks = memory.chunks()
+            chunks = content.chunks()
             if len(chunks) == 1:
                 return chunks[0]
             # Written as the chunks it arrived in: joining a large body first
@@ -258,11 +256,11 @@ class EchoResource(Resource):
                 request.write(chunk)
             request.finish()
             return server.NOT_DONE_YET
-        spool.seek(0)
+        content.seek(0)
         if length <= MEMORY_BODY_MAX:
-            return spool.read()
+            return cast(bytes, content.read())
         request.setHeader(b"content-length", b"%d" % length)
-        _SpoolProducer(request, spool).start()
+        _SpoolProducer(request, content).start()
         return server.NOT_DONE_YET
 
 
@@ -448,7 +446,11 @@ class EchoRequest(server.Request):
         #: Bytes reserved in the resource's memory budget for this body.
         self._in_memory = 0
         #: Kept from construction: a finished request no longer has a channel.
-        self._echo = cast(EchoResource, channel.site.resource)
+        site = channel.site
+        #: The site, from the channel (Twisted sets C{self.site} only at
+        #: C{process}); asked for its limits and clock.
+        self._echo_site: Any = site
+        self._echo: EchoResource = site.resource
         self._body_started = 0.0
         #: The body clock runs (or, under HTTP/2, may still be set: see
         #: L{_start_body_clock}).
@@ -459,10 +461,11 @@ class EchoRequest(server.Request):
     # -- decisions ---------------------------------------------------------
 
     def _limits(self) -> Limits:
-        return limits_of(self._channel.site)
+        return limits_of(self._echo_site)
 
     def _clock(self) -> IReactorTime:
-        return cast(IReactorTime, self._channel.site.reactor)
+        clock: IReactorTime = self._echo_site.reactor
+        return clock
 
     @property
     def _channel(self) -> Any:
@@ -532,8 +535,9 @@ class EchoRequest(server.Request):
             return
         if self.early is None and self.body_received > self._echo.max_body:
             self._refuse_midway(http.REQUEST_ENTITY_TOO_LARGE)
-        if self.content is not None:  # an HTTP/2 refusal finishes the request at once
-            cast("IO[bytes]", self.content).write(data)
+        content: Any = self.content
+        if content is not None:  # an HTTP/2 refusal finishes the request at once
+            content.write(data)
 
     def _refuse_midway(self, status: int) -> None:
         """Refuse a request that was accepted at its headers, dropping what it sent."""
@@ -657,8 +661,7 @@ class EchoRequest(server.Request):
         headers = self.responseHeaders
         headers.setRawHeaders(b"server", [SERVER_NAME])
         headers.setRawHeaders(b"date", [http_date()])
-        site = self._channel.site
-        for name, value in getattr(site, "response_headers", list)():
+        for name, value in getattr(self._echo_site, "response_headers", list)():
             if name == b"connection":
                 # The server is draining: this answer is the connection's last.
                 if not self._http1:
@@ -678,7 +681,7 @@ class EchoRequest(server.Request):
         Route the complete request.  A request answered early only finishes
         here; everything else goes to the site's single resource.
         """
-        self.site = self._channel.site
+        self.site = self._echo_site
         if self._answered:
             self.finish()
             return
@@ -706,5 +709,5 @@ class EchoRequest(server.Request):
         if self._answered and not self.finished:
             # A refused client that hung up before its body ended: still one
             # access-log line for it.
-            self._channel.site.log(self)
+            self._echo_site.log(self)
         super().connectionLost(reason)
