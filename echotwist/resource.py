@@ -429,34 +429,39 @@ class EchoRequest(server.Request):
     period (L{Limits.body_deadline}); a slower one is answered with 408.
     """
 
+    # What a request starts with, as class attributes: an instance attribute
+    # is made only when one changes (most never do), eleven stores less per
+    # request and a smaller instance.
+    #: The refusal decided for this request, if any.
+    early: int | None = None
+    #: L{EchoResource.early_status} has accepted this request's head.
+    accepted = False
+    body_received = 0
+    _answered = False
+    _linger: IDelayedCall | None = None
+    _body_deadline: Deadline | None = None
+    _own_deadline = False
+    #: Bytes reserved in the resource's memory budget for this body.
+    _in_memory = 0
+    _body_started = 0.0
+    #: The body clock runs (or, under HTTP/2, may still be set: see
+    #: L{_start_body_clock}).
+    _body_expected = False
+    #: The connection was lost before the answer was done.
+    _gone = False
+
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         #: Decided once (a finished request no longer has a channel).
         self._http1: bool = getattr(channel, "speaks_http1", False)
         self.started = time.monotonic()
-        self.early: int | None = None
-        #: L{EchoResource.early_status} has accepted this request's head.
-        self.accepted = False
-        self.body_received = 0
-        self._answered = False
         self._registered = self._http1
-        self._linger: IDelayedCall | None = None
-        self._body_deadline: Deadline | None = None
-        self._own_deadline = False
-        #: Bytes reserved in the resource's memory budget for this body.
-        self._in_memory = 0
-        #: Kept from construction: a finished request no longer has a channel.
         site = channel.site
-        #: The site, from the channel (Twisted sets C{self.site} only at
-        #: C{process}); asked for its limits and clock.
+        #: The site, kept from construction (a finished request no longer
+        #: has a channel, and Twisted sets C{self.site} only at C{process}):
+        #: asked for its limits and clock.
         self._echo_site: Any = site
         self._echo: EchoResource = site.resource
-        self._body_started = 0.0
-        #: The body clock runs (or, under HTTP/2, may still be set: see
-        #: L{_start_body_clock}).
-        self._body_expected = False
-        #: The connection was lost before the answer was done.
-        self._gone = False
 
     # -- decisions ---------------------------------------------------------
 

@@ -478,10 +478,15 @@ class BulkTLSProtocol(Protocol):
             buffer = _allocate("char[]", size)
             filled = 0
             while filled < size:
-                result = _lib.BIO_read(from_ssl, buffer + filled, size - filled)
+                wanted = size - filled
+                result = _lib.BIO_read(from_ssl, buffer + filled, wanted)
                 if result <= 0:
                     break
                 filled += result
+                if result < wanted:
+                    # A memory BIO gives all it holds: it is empty now (the
+                    # usual end: no second BIO_read only to hear so).
+                    break
             if filled:
                 self._send(_ffi.buffer(buffer, filled))
             if filled < size:
