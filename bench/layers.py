@@ -51,17 +51,15 @@ SCENARIOS = {
     "newconn-64B": ["--h1", "-c", "50", "-n", "50"],
 }
 
-#: Layers, by the module of a sample's innermost frame: (name, path fragments).
+#: Layers, by where a sample's innermost frame is: (name, path prefixes).  py-spy names a
+#: frame's file from its package root ("twisted/web/http.py", "h2/connection.py").
 LAYERS = [
     (
         "TLS: echotwist.transport and OpenSSL",
-        ("echotwist/transport.py", "echotwist/upstream.py", "echotwist/tls.py", "/OpenSSL/"),
+        ("echotwist/transport.py", "echotwist/upstream.py", "echotwist/tls.py", "OpenSSL/"),
     ),
-    (
-        "HTTP/1.1 channel (llhttp included)",
-        ("echotwist/http1.py", "echotwist/channel.py", "/httptools/"),
-    ),
-    ("HTTP/2 connection (h2, hpack)", ("echotwist/h2", "/h2/", "/hpack/")),
+    ("HTTP/1.1 channel (llhttp included)", ("echotwist/http1.py", "echotwist/channel.py")),
+    ("HTTP/2 connection (h2, hpack, hyperframe)", ("echotwist/h2", "h2/", "hpack/", "hyperframe/")),
     ("twisted.web Request and Headers", ("twisted/web/",)),
     (
         "echo Resource: early decisions, token, deadlines",
@@ -84,9 +82,9 @@ LAYERS = [
     ("reactor: epoll, dispatch, timers", ("twisted/internet/", "twisted/python/")),
 ]
 ACCESS_LOG = "access log and metrics"
-OTHER = "other (start-up, the rest)"
+OTHER = "other (the standard library, the rest)"
 #: The frame that makes a sample the access log's, wherever it is on the stack.
-ACCESS_FRAME = re.compile(r"^log \(.*echotwist/site\.py")
+ACCESS_FRAME = re.compile(r"^EchoSite\.log \(echotwist/site\.py")
 
 
 def parse_args(argv=None):
@@ -124,8 +122,9 @@ def layer_of(frames: list[str]) -> str:
     if any(ACCESS_FRAME.match(f) for f in frames):
         return ACCESS_LOG
     leaf = frames[-1] if frames else ""
-    for name, parts in LAYERS:
-        if any(part in leaf for part in parts):
+    path = leaf.rpartition(" (")[2]
+    for name, prefixes in LAYERS:
+        if path.startswith(prefixes):
             return name
     return OTHER
 
