@@ -210,6 +210,34 @@ class KeepAliveTimerTests(TestCase):
         server.close()
         self.assertEqual(server.clock.getDelayedCalls(), [])
 
+    def test_a_begun_request_is_on_the_header_deadline_not_the_idle_clock(self) -> None:
+        # --timeout 2, --header-timeout 5: after an answer, part of a head arrives. The
+        # connection is no longer idle: the idle clock (2 s) does not close it silently;
+        # the header deadline (5 s from that first byte) answers 408.
+        server = InMemoryHTTP(TOKEN, timeout=2, limits=Limits(header_timeout=5))
+        self.addCleanup(server.close)
+        server.feed(raw_request(b"x", TOKEN))
+        server.clock.advance(1)
+        server.feed(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
+        server.clock.advance(3)
+        self.assertFalse(server.transport.disconnecting)
+        server.clock.advance(2.5)
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(parse_response(server.transport.value()).status, 408)
+
+    def test_idle_clock_runs_again_after_the_answer(self) -> None:
+        # The header deadline of a request is over once it is answered: the connection is
+        # idle again, and the idle clock (not a 408) closes it.
+        server = InMemoryHTTP(TOKEN, timeout=2, limits=Limits(header_timeout=5))
+        self.addCleanup(server.close)
+        server.feed(raw_request(b"x", TOKEN))
+        answered = len(server.transport.value())
+        server.clock.advance(1.5)
+        self.assertFalse(server.transport.disconnecting)
+        server.clock.advance(1)
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(len(server.transport.value()), answered)
+
     def test_idle_timeout_still_closes_an_idle_connection(self) -> None:
         server = InMemoryHTTP(TOKEN, timeout=10)
         self.addCleanup(server.close)
