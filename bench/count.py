@@ -201,21 +201,9 @@ class Counted(harness.Echotwist):
             self._h2load(SCENARIOS[scenario], requests)
 
     def _h2load(self, args: list[str], requests: int) -> None:
-        cmd = [
-            "h2load",
-            "-t",
-            "1",
-            "-n",
-            str(requests),
-            *args,
-            "-d",
-            self.env.body_file(64),
-            "-H",
-            f"token: {self.env.token}",
-            "-H",
-            "content-type: application/octet-stream",
-            f"https://{HOST}:{self.port}/echo",
-        ]
+        cmd = harness.h2load_echo(
+            self.env, f"https://{HOST}:{self.port}/echo", ["-n", str(requests), *args]
+        )
         done = subprocess.run(
             self.env.bounded(cmd, 600), capture_output=True, text=True, timeout=660
         )

@@ -873,25 +873,27 @@ def run_ab(env: Env, srv: Server, sc: dict, duration: float) -> dict:
     }
 
 
-def run_h2load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
-    cmd = [
+def h2load_echo(env: Env, url: str, args: list[str], size: int = 64) -> list[str]:
+    """h2load on one thread sending C{size}-byte POST /echo bodies with the token: C{args}
+    say how many connections, streams, requests or seconds (count.py and layers.py too)."""
+    return [
         "h2load",
         "-t",
         "1",
-        "-c",
-        str(sc["conns"]),
-        "-m",
-        str(sc["streams"]),
-        "-D",
-        f"{max(1, round(duration))}",
+        *args,
         "-d",
-        env.body_file(sc["size"]),
+        env.body_file(size),
         "-H",
         f"token: {env.token}",
         "-H",
         "content-type: application/octet-stream",
-        srv.url(),
+        url,
     ]
+
+
+def run_h2load(env: Env, srv: Server, sc: dict, duration: float) -> dict:
+    args = ["-c", str(sc["conns"]), "-m", str(sc["streams"]), "-D", f"{max(1, round(duration))}"]
+    cmd = h2load_echo(env, srv.url(), args, sc["size"])
     rc, out, err = _run_tool(env, cmd, duration + 30)
     proto = re.search(r"Application protocol: (\S+)", out)
     fin = re.search(r"finished in ([\d.]+)(m?s)", out)

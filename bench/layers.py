@@ -158,22 +158,7 @@ class Load:
 
     def _cmd(self, extra: list[str]) -> list[str]:
         return self.env.pin(
-            self.env.bounded(
-                [
-                    "h2load",
-                    "-t",
-                    "1",
-                    *extra,
-                    "-d",
-                    self.env.body_file(64),
-                    "-H",
-                    f"token: {self.env.token}",
-                    "-H",
-                    "content-type: application/octet-stream",
-                    self.url,
-                ],
-                self.seconds + 30,
-            ),
+            self.env.bounded(harness.h2load_echo(self.env, self.url, extra), self.seconds + 30),
             "load",
         )
 
@@ -181,9 +166,8 @@ class Load:
         """Load until C{until} (a time.monotonic moment); count the 2xx answers."""
         args = SCENARIOS[self.scenario]
         while time.monotonic() < until:
-            extra = (
-                args if "-n" in args else [*args, "-D", str(max(1, int(until - time.monotonic())))]
-            )
+            seconds = max(1, round(until - time.monotonic()))
+            extra = args if "-n" in args else [*args, "-D", str(seconds)]
             done = subprocess.run(
                 self._cmd(extra), capture_output=True, text=True, timeout=self.seconds + 60
             )
