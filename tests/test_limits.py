@@ -238,6 +238,19 @@ class KeepAliveTimerTests(TestCase):
         self.assertTrue(server.transport.disconnecting)
         self.assertEqual(len(server.transport.value()), answered)
 
+    def test_line_ends_alone_do_not_keep_an_idle_connection_open(self) -> None:
+        # CRLFs between requests begin no request (llhttp skips them): they must not push
+        # the idle clock out, or a client dripping them holds the connection forever.
+        server = InMemoryHTTP(TOKEN, timeout=2, limits=Limits(header_timeout=5))
+        self.addCleanup(server.close)
+        server.feed(raw_request(b"x", TOKEN))
+        answered = len(server.transport.value())
+        for _ in range(3):
+            server.clock.advance(1)
+            server.feed(b"\r\n")
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(len(server.transport.value()), answered)
+
     def test_idle_timeout_still_closes_an_idle_connection(self) -> None:
         server = InMemoryHTTP(TOKEN, timeout=10)
         self.addCleanup(server.close)
