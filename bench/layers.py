@@ -149,34 +149,25 @@ def fold(raw: str) -> tuple[collections.Counter, collections.Counter, int]:
     return layers, leaves, total
 
 
-class Load:
-    """h2load, run again and again (newconn-64B) or once for the window, bounded in time."""
-
-    def __init__(self, env: Env, url: str, scenario: str, seconds: float) -> None:
-        self.env, self.url, self.scenario, self.seconds = env, url, scenario, seconds
-        self.answered = 0
-
-    def _cmd(self, extra: list[str]) -> list[str]:
-        return self.env.pin(
-            self.env.bounded(harness.h2load_echo(self.env, self.url, extra), self.seconds + 30),
-            "load",
-        )
-
-    def run(self, until: float) -> None:
-        """Load until C{until} (a time.monotonic moment); count the 2xx answers."""
-        args = SCENARIOS[self.scenario]
-        while time.monotonic() < until:
-            seconds = max(1, round(until - time.monotonic()))
-            extra = args if "-n" in args else [*args, "-D", str(seconds)]
-            done = subprocess.run(
-                self._cmd(extra), capture_output=True, text=True, timeout=self.seconds + 60
-            )
-            ok = re.search(r"status codes: (\d+) 2xx, \d+ 3xx, (\d+) 4xx, (\d+) 5xx", done.stdout)
-            if not ok or int(ok.group(2)) or int(ok.group(3)):
-                raise RuntimeError(f"h2load failed:\n{done.stdout[-800:]}{done.stderr[-400:]}")
-            self.answered += int(ok.group(1))
-            if "-n" not in args:
-                return
+def drive(env: Env, url: str, scenario: str, seconds: float) -> int:
+    """
+    Load C{url} with h2load for about C{seconds}: one timed run, or runs of one request per
+    connection (newconn-64B) again and again until the time is up.  The 2xx answers.
+    """
+    args = SCENARIOS[scenario]
+    until = time.monotonic() + seconds
+    answered = 0
+    while True:
+        left = max(1, round(until - time.monotonic()))
+        extra = args if "-n" in args else [*args, "-D", str(left)]
+        cmd = env.pin(env.bounded(harness.h2load_echo(env, url, extra), seconds + 30), "load")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        ok = re.search(r"status codes: (\d+) 2xx, \d+ 3xx, (\d+) 4xx, (\d+) 5xx", done.stdout)
+        if not ok or int(ok.group(2)) or int(ok.group(3)):
+            raise RuntimeError(f"h2load failed:\n{done.stdout[-800:]}{done.stderr[-400:]}")
+        answered += int(ok.group(1))
+        if "-n" not in args or time.monotonic() >= until:
+            return answered
 
 
 def main(argv=None) -> int:
@@ -193,16 +184,15 @@ def main(argv=None) -> int:
     try:
         harness.ensure_certs(env)
         server.start(tag="profile")
-        load = Load(env, server.url(), args.scenario, args.seconds)
         log(
             f"profile: {args.scenario} on {server.url()}: 2 s of warm-up, {args.seconds:.0f} s "
             f"timed, {args.seconds:.0f} s sampled"
         )
-        Load(env, server.url(), args.scenario, 2.0).run(time.monotonic() + 2.0)
+        drive(env, server.url(), args.scenario, 2.0)
         # Timed without py-spy: sampling stops the server for each sample, which costs it
         # CPU of its own (the shares stay true; the CPU per request would not).
         cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
-        load.run(t0 + args.seconds)
+        answered = drive(env, server.url(), args.scenario, args.seconds)
         cpu = cpu_seconds(server.pid) - cpu0
         wall = time.monotonic() - t0
         spy = env.procs.start(
@@ -227,7 +217,7 @@ def main(argv=None) -> int:
             stderr=subprocess.PIPE,
         )
         time.sleep(0.5)  # py-spy attached
-        Load(env, server.url(), args.scenario, args.seconds).run(time.monotonic() + args.seconds)
+        drive(env, server.url(), args.scenario, args.seconds)
         _, err = spy.communicate(timeout=args.seconds + 90)
         if spy.returncode != 0 or not os.path.exists(raw_path):
             raise RuntimeError(f"py-spy failed ({spy.returncode}): {err.decode()[-600:]}")
@@ -236,16 +226,19 @@ def main(argv=None) -> int:
         if args.keep:
             os.makedirs(args.keep, exist_ok=True)
             shutil.copy(raw_path, args.keep)
+    except RuntimeError as error:
+        raise SystemExit(f"bench/run profile: {error}") from None
     finally:
         server.stop()
         for p in list(env.procs.live.values()):
             env.procs.stop(p)
-    if not total or not load.answered:
+        shutil.rmtree(out, ignore_errors=True)
+    if not total or not answered:
         raise SystemExit("no samples or no answers: nothing to report")
-    per_request = cpu / load.answered * 1e6
+    per_request = cpu / answered * 1e6
     print(
-        f"\n## bench/run profile: {args.scenario}, {load.answered:,} requests in {wall:.1f} s, "
-        f"{load.answered / cpu:,.0f} per server CPU-s ({per_request:.1f} us each), "
+        f"\n## bench/run profile: {args.scenario}, {answered:,} requests in {wall:.1f} s, "
+        f"{answered / cpu:,.0f} per server CPU-s ({per_request:.1f} us each), "
         f"{total:,} py-spy samples\n"
     )
     print("| layer | share of samples | us of server CPU per request |")
