@@ -258,7 +258,7 @@ class EchoResource(Resource):
             return server.NOT_DONE_YET
         content.seek(0)
         if length <= MEMORY_BODY_MAX:
-            return cast(bytes, content.read())
+            return content.read()
         request.setHeader(b"content-length", b"%d" % length)
         _SpoolProducer(request, content).start()
         return server.NOT_DONE_YET
@@ -469,8 +469,7 @@ class EchoRequest(server.Request):
         return limits_of(self._echo_site)
 
     def _clock(self) -> IReactorTime:
-        clock: IReactorTime = self._echo_site.reactor
-        return clock
+        return self._echo_site.reactor
 
     @property
     def _channel(self) -> Any:
