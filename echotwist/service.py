@@ -514,7 +514,10 @@ def makeService(options: Options) -> service.IService:
     """
     from twisted.internet import reactor
 
-    terminal = Terminal.capture(log_elsewhere=logs.twistd_log_target(options) != logs.STDOUT)
+    terminal = Terminal.capture(
+        log_elsewhere=logs.twistd_log_target(options) != logs.STDOUT,
+        twistd=getattr(options, "parent", None),
+    )
     server: Any
     if options["workers"] > 1:
         from echotwist.workers import WorkerPool

@@ -12,13 +12,23 @@ them only once the bind has succeeded or failed; the duplicates are closed at
 once, so a detached daemon holds no terminal.  The original twistd process is
 still waiting for its child's start-up then, so the lines arrive before the
 C{twistd} command returns, as before.
+
+When the bind fails in daemon mode, twistd tells that waiting process first
+and removes the pidfile after, so the C{twistd} command could return while
+the pidfile was still there (and a second start at once found "another
+twistd server running").  L{Terminal.failed} removes the pidfile itself
+before the failure goes back to twistd, and clears twistd's C{pidfile}
+option so twistd does not try again (its own attempt would log a traceback
+for a file already gone).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -70,20 +80,31 @@ def listen_failure(interface: str, port: int, reason: BaseException, what: str =
 class Terminal:
     """The stdout and stderr twistd had when it built the service."""
 
-    def __init__(self, stdout: int, stderr: int, log_elsewhere: bool = True) -> None:
+    def __init__(
+        self,
+        stdout: int,
+        stderr: int,
+        log_elsewhere: bool = True,
+        twistd: MutableMapping[str, Any] | None = None,
+    ) -> None:
         self._stdout: int | None = stdout
         self._stderr: int | None = stderr
         self._log_elsewhere = log_elsewhere
+        self._twistd = twistd
 
     @classmethod
-    def capture(cls, log_elsewhere: bool = True) -> Terminal:
+    def capture(
+        cls, log_elsewhere: bool = True, twistd: MutableMapping[str, Any] | None = None
+    ) -> Terminal:
         """
         Keep the current standard streams for the start-up report.
 
         @param log_elsewhere: whether the log goes somewhere other than this
             terminal (a file), so a failure is logged there too.
+        @param twistd: the options of the twistd running the plugin (the
+            plugin options' C{parent}), whose pidfile a failure removes.
         """
-        return cls(os.dup(1), os.dup(2), log_elsewhere)
+        return cls(os.dup(1), os.dup(2), log_elsewhere, twistd)
 
     def started(self, token: str, cafile: Path | None) -> None:
         """The server listens: give the user the token and the CA to trust."""
@@ -97,9 +118,29 @@ class Terminal:
         """The server cannot start: say why in one line; return what to raise."""
         if self._log_elsewhere:
             log.error("{line}", line=line)
+        self._release_pidfile()
         self._write(self._stderr, line + "\n")
         self.close()
         return CannotStart(line)
+
+    def _release_pidfile(self) -> None:
+        """
+        Remove twistd's pidfile now, if it names this process, so it is gone
+        before twistd lets the C{twistd} command return (see the module's
+        docstring); a pidfile that names another process is left alone.
+        """
+        if self._twistd is None:
+            return
+        name = self._twistd.get("pidfile")
+        if not name:
+            return
+        try:
+            if int(Path(name).read_text().strip()) != os.getpid():
+                return
+            os.unlink(name)
+        except (OSError, ValueError):
+            return  # twistd's own removal will say why
+        self._twistd["pidfile"] = ""
 
     def _write(self, fd: int | None, text: str) -> None:
         if fd is None:

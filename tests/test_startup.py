@@ -105,6 +105,37 @@ class FailedBindTests(TestCase):
         self.assertNotIn(b"Authentication token", terminal)
 
 
+class PidfileOnFailureTests(TestCase):
+    """
+    A failed start removes the pidfile before twistd is told: in daemon mode
+    twistd lets the C{twistd} command return on that news and only then
+    removes the pidfile itself, so a script that starts the server again at
+    once would find a pidfile of a process still exiting.
+    """
+
+    def terminal(self, twistd: dict) -> startup.Terminal:
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        return startup.Terminal(os.dup(write), write, log_elsewhere=False, twistd=twistd)
+
+    def test_own_pidfile_is_gone_before_twistd_hears_and_twistd_does_not_retry(self) -> None:
+        pidfile = scratch_dir(self) / "echo.pid"
+        pidfile.write_text(f"{os.getpid()}\n")
+        twistd = {"pidfile": str(pidfile)}
+        raised = self.terminal(twistd).failed("echo: cannot listen on 127.0.0.1:1: x")
+        self.assertIsInstance(raised, startup.CannotStart)
+        self.assertFalse(pidfile.exists())
+        self.assertEqual(twistd["pidfile"], "")
+
+    def test_pidfile_of_another_process_is_left_to_twistd(self) -> None:
+        pidfile = scratch_dir(self) / "echo.pid"
+        pidfile.write_text(f"{os.getpid() + 1}\n")
+        twistd = {"pidfile": str(pidfile)}
+        self.terminal(twistd).failed("echo: cannot listen on 127.0.0.1:1: x")
+        self.assertTrue(pidfile.exists())
+        self.assertEqual(twistd["pidfile"], str(pidfile))
+
+
 class ListenFailureTextTests(TestCase):
     """The line names the address as a user types it, and the cause in words."""
 
